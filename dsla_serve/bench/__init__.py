@@ -1,0 +1,1 @@
+"""Benchmarks: kernels, engine speed and memory, trace replay. Each prints machine-readable JSON."""

@@ -1,0 +1,52 @@
+"""Validated configuration of the DSLA layers; saved in every checkpoint manifest."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+VARIANTS = ("dsla", "gla")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+@dataclass(frozen=True)
+class DSLAConfig:
+    """How a DSLA layer is built from the attention layer it replaces.
+
+    NOTE(decisions): ``rope`` and ``normalize`` defaults were chosen by measurement
+    (``python -m dsla_serve.distill.ablation``; figures in README "Design decisions").
+    """
+
+    variant: str = "dsla"  # "dsla": two states; "gla": single-state ablation
+    rope: bool = True  # apply the attention's rotary embedding to q and k inside DSLA
+    normalize: bool = True  # RMS-normalise each state's read-out (with a learned per-channel gain)
+    gate_normalizer: float = 16.0  # g = logsigmoid(W [k; v] + b) / gate_normalizer, clamped at GATE_MIN
+    far_half_life: tuple[float, float] = (256.0, 8192.0)  # initial half-lives (tokens) of the history state
+    close_half_life: tuple[float, float] = (1.0, 32.0)  # ... and of the recency state
+    eps: float = 1e-6
+    chunk_size: int = 64
+
+    def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
+        for name in ("far_half_life", "close_half_life"):
+            lo, hi = getattr(self, name)
+            if not 0 < lo <= hi:
+                raise ValueError(f"{name} must be 0 < low <= high, got {(lo, hi)}")
+            object.__setattr__(self, name, (float(lo), float(hi)))
+        if self.gate_normalizer <= 0:
+            raise ValueError(f"gate_normalizer must be > 0, got {self.gate_normalizer}")
+        if self.chunk_size < 1 or self.chunk_size > 64:
+            raise ValueError(f"chunk_size must be in [1, 64] (the kernel's stability bound), got {self.chunk_size}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DSLAConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown DSLA config fields {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})

@@ -1,0 +1,99 @@
+"""Build a ready HybridModel: base model + DSLA weights (shipped, given, or fresh) + the conversion order."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from dsla_serve.config import DSLAConfig
+from dsla_serve.model.convert import calibrate_gains, convert, read_manifest
+from dsla_serve.model.hybrid import HybridModel
+from dsla_serve.model.loader import DEFAULT_MODEL, load_base
+
+log = logging.getLogger(__name__)
+
+SHIPPED = {DEFAULT_MODEL: "smollm2-135m-instruct"}  # model name -> dir under dsla_serve/checkpoints
+
+
+def shipped_checkpoint(model: str | None) -> Path | None:
+    name = SHIPPED.get(model or DEFAULT_MODEL)
+    if name is None:
+        return None
+    path = Path(str(resources.files("dsla_serve") / "checkpoints" / name))
+    return path if (path / "manifest.json").is_file() else None
+
+
+def calibration_text() -> str:
+    return (resources.files("dsla_serve") / "data" / "calibration.txt").read_text()
+
+
+@dataclass
+class HybridInfo:
+    """What was loaded, for the CLI's output, /v1/models and the logs."""
+
+    model: str
+    weights: str | None  # DSLA checkpoint dir, or None
+    order: list[int]  # conversion order: level f converts the first round(f * n) layers
+    order_source: str
+    distilled: list[int] = field(default_factory=list)  # layers with trained DSLA weights
+    undistilled: list[int] = field(default_factory=list)  # layers with fresh, calibrated-only weights
+
+    def layers_for(self, conversion: float | None = None, dsla_layers: list[int] | None = None) -> list[int]:
+        """The DSLA layers for a --conversion fraction or an explicit --dsla-layers list."""
+        if dsla_layers is not None:
+            return sorted(set(dsla_layers))
+        if conversion is None:
+            return []
+        if not 0 <= conversion <= 1:
+            raise ValueError(f"conversion must be in [0, 1], got {conversion}")
+        return sorted(self.order[: round(conversion * len(self.order))])
+
+    def note(self, layers: list[int]) -> str | None:
+        fresh = sorted(set(layers) & set(self.undistilled))
+        if not fresh:
+            return None
+        return f"DSLA layers {fresh} are not distilled (fresh weights, calibrated only): expect poor output"
+
+
+def fallback_order(n: int) -> list[int]:
+    """Order used when no distilled checkpoint gives one: last layer first."""
+    return list(range(n - 1, -1, -1))
+
+
+def load_hybrid(
+    model: str | None = None, weights: str | Path | None = "auto", dtype: str = "float32",
+    config: DSLAConfig | None = None,
+) -> tuple[HybridModel, object, HybridInfo]:  # fmt: skip
+    """Base model with every layer convertible: distilled layers from ``weights`` ("auto": the
+    checkpoint shipped for the default model, if any), the rest fresh and gain-calibrated."""
+    loaded = load_base(model, dtype)
+    base, tok = loaded.model, loaded.tokenizer
+    n = base.config.num_hidden_layers
+    path = shipped_checkpoint(model) if weights == "auto" else (Path(weights) if weights else None)
+    distilled: list[int] = []
+    order, source = fallback_order(n), "fallback (last layer first; no distilled checkpoint)"
+    if path is not None:
+        manifest = read_manifest(path, base)
+        distilled = sorted(int(i) for i in manifest["layers"])
+        convert(base, distilled, weights=path)
+        config = DSLAConfig.from_dict(manifest["dsla_config"])
+        if manifest.get("order"):
+            head = [i for i in manifest["order"] if i in distilled]
+            order, source = head + [i for i in order if i not in head], f"{path}/manifest.json"
+    fresh = [i for i in range(n) if i not in distilled]
+    if fresh:
+        convert(base, fresh, config=config)
+        ids = tok(calibration_text(), return_tensors="pt").input_ids[:, :512].to(base.device)
+        calibrate_gains(base, ids, fresh)
+        log.info("DSLA layers %s have no distilled weights: fresh gates, calibrated gains only", fresh)
+    info = HybridInfo(loaded.name, str(path) if path else None, order, source, distilled, fresh)
+    return HybridModel(base), tok, info
+
+
+def set_threads(n: int | None) -> None:
+    if n:
+        torch.set_num_threads(n)

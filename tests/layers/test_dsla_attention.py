@@ -1,0 +1,122 @@
+"""The DSLA layer: initialisation, drop-in use inside a Hugging Face model, KV-cache folding."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from dsla_serve.config import DSLAConfig
+from dsla_serve.layers import DSLAAttention, rotate
+from dsla_serve.model import HybridCache, HybridModel, convert
+from dsla_serve.ops import GATE_MIN, naive_dsla
+from tests.conftest import randomize_gates, tiny_llama
+
+
+def test_rotate_inverts_with_negative_sin():
+    x = torch.randn(2, 3, 5, 8)
+    angle = torch.rand(2, 5, 4) * 10
+    cos, sin = torch.cat([angle.cos()] * 2, -1), torch.cat([angle.sin()] * 2, -1)
+    torch.testing.assert_close(rotate(rotate(x, cos, sin), cos, -sin), x, atol=1e-5, rtol=1e-5)
+
+
+def test_fresh_gates_start_one_slow_one_fast_state(tiny):
+    cfg = DSLAConfig(far_half_life=(256, 8192), close_half_life=(1, 32))
+    layer = convert(tiny, [0], config=cfg)[0]
+    kv = torch.randn(1, 2, 10, 16)
+    g_far, g_close = layer.gates(kv, kv)
+    life_far = -math.log(2) / g_far  # half-lives in tokens
+    life_close = -math.log(2) / g_close
+    assert life_far.min() > 200 and life_far.max() < 9000
+    assert life_close.min() > 0.9 and life_close.max() < 40
+    assert (g_close >= GATE_MIN).all()
+    # weights start at zero: gates do not depend on the input yet
+    assert torch.equal(g_far, layer.gates(torch.randn_like(kv), kv)[0])
+
+
+def test_reuses_attention_weights_and_adds_only_gates(tiny):
+    attn = tiny.model.layers[1].self_attn
+    layer = convert(tiny, [1])[1]
+    assert layer.q_proj is attn.q_proj and layer.o_proj is attn.o_proj
+    assert set(layer.dsla_parameters()) == {
+        "gate_far.weight", "gate_far.bias", "gate_close.weight", "gate_close.bias", "alpha", "gain"
+    }  # fmt: skip
+    assert layer.replaced is attn
+
+
+def test_layer_matches_kernel_reference(tiny):
+    """The layer's output is o_proj(gain * naive_dsla(rope(q), rope(k), v, gates)) as documented."""
+    layer = convert(tiny, [2])[2]
+    randomize_gates([layer])
+    x = torch.randn(2, 11, 64)
+    pos = torch.arange(11)[None].expand(2, -1)
+    cos, sin = tiny.model.rotary_emb(x, pos)
+    out, _ = layer(x, position_embeddings=(cos, sin))
+    q, k, v = layer.project(x)
+    g_far, g_close = layer.gates(k, v)
+    o, _ = naive_dsla(
+        rotate(q, cos, sin).double(),
+        rotate(k, cos, sin).double(),
+        v.double(),
+        g_far.double(),
+        g_close.double(),
+        layer.alpha.double(),
+    )
+    ref = layer.o_proj((o.float() * layer.gain[:, None]).transpose(1, 2).reshape(2, 11, -1))
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+
+
+def test_gla_variant_is_single_state(tiny):
+    layer = convert(tiny, [0], config=DSLAConfig(variant="gla"))[0]
+    assert layer.gate_close is None and "alpha" not in layer.dsla_parameters()
+    x = torch.randn(1, 9, 64)
+    q, k, v = layer.project(x)
+    g_far, g_close = layer.gates(k, v)
+    assert torch.equal(g_far, g_close)
+    cos, sin = tiny.model.rotary_emb(x, torch.arange(9)[None])
+    o_layer, _ = layer.attend(q, k, v, cos, sin)
+    # one state, weight 1 on it: equals the dual kernel run with both gates equal and w = (1, 0)
+    o_ref, _ = naive_dsla(rotate(q, cos, sin), rotate(k, cos, sin), v, g_far, g_far, torch.tensor([30.0, -30.0]))
+    torch.testing.assert_close(o_layer, (o_ref * layer.gain[:, None]).transpose(1, 2).reshape(1, 9, -1))
+
+
+def test_drop_in_inside_hugging_face_forward(tiny):
+    """HF's own forward with converted layers == the engine's forward with the same plan."""
+    ids = torch.randint(0, 99, (2, 33))
+    ref_attn = tiny(ids, use_cache=False).logits
+    layers = convert(tiny, [1, 3])
+    randomize_gates(layers.values())
+    hf = tiny(ids, use_cache=False).logits
+    engine, _ = HybridModel(tiny)(ids, dsla_layers=[1, 3])
+    torch.testing.assert_close(engine, hf, atol=1e-5, rtol=1e-5)
+    assert (hf - ref_attn).abs().max() > 1e-3  # the converted layers did change the output
+
+
+def test_hf_cache_is_refused(tiny):
+    convert(tiny, [0])
+    with pytest.raises(ValueError, match="use_cache=False"):
+        tiny(torch.randint(0, 99, (1, 5)), use_cache=True)
+
+
+@pytest.mark.parametrize("rope", [True, False])
+def test_fold_kv_cache_equals_dsla_prefill_state(rope):
+    model = tiny_llama()
+    layers = convert(model, range(4), config=DSLAConfig(rope=rope))
+    randomize_gates(layers.values())
+    hybrid = HybridModel(model)
+    ids = torch.randint(0, 99, (1, 90))
+    attn_cache = HybridCache([hybrid.new_cache([])])
+    hybrid(ids, cache=attn_cache)
+    dsla_cache = HybridCache([hybrid.new_cache([2])])
+    hybrid(ids, cache=dsla_cache)
+    # layers 0-1 run attention in both, so layer 2 sees the same input: its folded state must match
+    hybrid.fold_to_dsla(attn_cache[0], [2])
+    for a, b in zip(attn_cache[0].layers[2].state, dsla_cache[0].layers[2].state, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert attn_cache[0].conversions == [2]
+
+
+def test_unsupported_module_is_rejected(tiny):
+    with pytest.raises(TypeError, match="q_proj"):
+        DSLAAttention(torch.nn.Linear(2, 2), tiny.config, 0)

@@ -1,0 +1,194 @@
+"""Conversion round-trips, DSLA checkpoints, the hybrid cache, and prefill + decode == full forward."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from dsla_serve.config import DSLAConfig
+from dsla_serve.generate import prefill
+from dsla_serve.model import (
+    CheckpointError,
+    HybridCache,
+    HybridModel,
+    ModelLoadError,
+    convert,
+    converted_layers,
+    revert,
+    save_dsla,
+)
+from dsla_serve.model.loader import load_base
+from tests.conftest import randomize_gates, tiny_llama
+
+
+def test_all_attention_hybrid_equals_hugging_face(tiny):
+    ids = torch.randint(0, 99, (3, 40))
+    logits, _ = HybridModel(tiny)(ids)
+    torch.testing.assert_close(logits, tiny(ids, use_cache=False).logits, atol=1e-6, rtol=1e-6)
+
+
+def test_convert_and_revert_round_trip(tiny):
+    ids = torch.randint(0, 99, (1, 20))
+    ref = tiny(ids, use_cache=False).logits
+    originals = [layer.self_attn for layer in tiny.model.layers]
+    randomize_gates(convert(tiny, [0, 2]).values())
+    assert converted_layers(tiny) == [0, 2]
+    assert not torch.allclose(tiny(ids, use_cache=False).logits, ref)
+    revert(tiny, [2])
+    assert converted_layers(tiny) == [0]
+    revert(tiny)
+    assert [layer.self_attn for layer in tiny.model.layers] == originals
+    torch.testing.assert_close(tiny(ids, use_cache=False).logits, ref)
+
+
+def test_layer_index_out_of_range(tiny):
+    with pytest.raises(ValueError, match=r"layer 7 out of range \[0, 4\)"):
+        convert(tiny, [7])
+
+
+def test_unsupported_architecture_named():
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
+    with pytest.raises(ModelLoadError, match="llama, mistral, qwen2"):
+        convert(gpt2, [0])
+
+
+def test_checkpoint_save_load_round_trip(tmp_path):
+    model = tiny_llama()
+    layers = convert(model, [1, 3], config=DSLAConfig(rope=False))
+    randomize_gates(layers.values())
+    ids = torch.randint(0, 99, (2, 25))
+    ref = model(ids, use_cache=False).logits
+    save_dsla(tmp_path, model, extra={"order": [3, 1]})
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert sorted(manifest["layers"]) == ["1", "3"] and manifest["order"] == [3, 1]
+    assert manifest["layers"]["1"]["shapes"]["gate_far.weight"] == [32, 64]  # (Hkv*D, 2*Hkv*D)
+    assert manifest["dsla_config"]["rope"] is False
+
+    fresh = tiny_llama()
+    convert(fresh, [1, 3], weights=tmp_path)
+    assert fresh.model.layers[1].self_attn.config.rope is False  # the checkpoint's config is used
+    torch.testing.assert_close(fresh(ids, use_cache=False).logits, ref)
+
+
+def test_checkpoint_for_another_base_is_refused(tmp_path):
+    model = tiny_llama(seed=0)
+    convert(model, [0])
+    save_dsla(tmp_path, model)
+    other = tiny_llama(seed=1)  # same architecture, other weights
+    with pytest.raises(CheckpointError, match="another base model"):
+        convert(other, [0], weights=tmp_path)
+    bigger = tiny_llama(num_hidden_layers=6)
+    with pytest.raises(CheckpointError, match="num_hidden_layers"):
+        convert(bigger, [0], weights=tmp_path)
+
+
+def test_corrupted_or_incomplete_checkpoints_are_refused(tmp_path):
+    model = tiny_llama()
+    convert(model, [0, 1])
+    save_dsla(tmp_path, model)
+    with pytest.raises(CheckpointError, match="no weights for layers \\[2\\]"):
+        convert(tiny_llama(), [2], weights=tmp_path)
+    with open(tmp_path / "layer_1.safetensors", "r+b") as f:
+        f.seek(-4, 2)
+        f.write(b"\x00\x01\x02\x03")
+    with pytest.raises(CheckpointError, match="corrupted"):
+        convert(tiny_llama(), [1], weights=tmp_path)
+    (tmp_path / "layer_0.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="missing"):
+        convert(tiny_llama(), [0], weights=tmp_path)
+    (tmp_path / "manifest.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="corrupted"):
+        convert(tiny_llama(), [0], weights=tmp_path)
+    with pytest.raises(CheckpointError, match=r"manifest\.json is missing"):
+        convert(tiny_llama(), [0], weights=tmp_path / "nowhere")
+
+
+def hybrid_with(layers, seed=0):
+    model = tiny_llama(seed)
+    randomize_gates(convert(model, layers).values())
+    return HybridModel(model)
+
+
+@pytest.mark.parametrize("plan", [[], [1, 2], [0, 1, 2, 3]], ids=["attention", "mixed", "all-dsla"])
+def test_prefill_then_decode_equals_full_forward(plan):
+    hybrid = hybrid_with(range(4))
+    ids = torch.randint(0, 99, (2, 45))
+    full, _ = hybrid(ids, dsla_layers=plan)
+    cache = HybridCache([hybrid.new_cache(plan, capacity=4) for _ in range(2)])  # forces KV growth
+    steps = [hybrid(ids[:, :30], cache=cache)[0]]
+    steps += [hybrid(ids[:, t : t + 1], cache=cache)[0] for t in range(30, 45)]
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
+    assert all(s.length == 45 for s in cache.sequences)
+
+
+def test_chunked_prefill_equals_one_shot():
+    hybrid = hybrid_with(range(4))
+    ids = torch.randint(0, 99, (1, 100))
+    for plan in ([], [0, 3]):
+        one = prefill(hybrid, ids, HybridCache([hybrid.new_cache(plan)]), chunk=1000)
+        chunked = prefill(hybrid, ids, HybridCache([hybrid.new_cache(plan)]), chunk=17)
+        torch.testing.assert_close(chunked, one, atol=1e-5, rtol=1e-5)
+
+
+def test_batch_mixing_plans_matches_each_sequence_alone():
+    """One batched step over sequences whose plans differ == each sequence run on its own."""
+    hybrid = hybrid_with(range(4))
+    plans = [[], [3], [1, 2, 3], [0, 1, 2, 3]]
+    ids = torch.randint(0, 99, (4, 12))
+    cache = HybridCache([hybrid.new_cache(p) for p in plans])
+    hybrid(ids, cache=cache)
+    nxt = torch.randint(0, 99, (4, 1))
+    batched, _ = hybrid(nxt, cache=cache)
+    for b, plan in enumerate(plans):
+        alone, _ = hybrid(torch.cat([ids[b : b + 1], nxt[b : b + 1]], 1), dsla_layers=plan)
+        torch.testing.assert_close(batched[b, -1], alone[0, -1], atol=1e-5, rtol=1e-5)
+
+
+def test_fold_then_continue_matches_sequence_that_started_as_dsla():
+    """Converting the last layer in flight: earlier layers' caches are unaffected, so the rest of the
+    generation must equal a sequence that ran DSLA at that layer from the start."""
+    hybrid = hybrid_with([3])
+    ids = torch.randint(0, 99, (1, 50))
+    running = HybridCache([hybrid.new_cache([])])
+    started = HybridCache([hybrid.new_cache([3])])
+    hybrid(ids[:, :40], cache=running)
+    hybrid(ids[:, :40], cache=started)
+    kv_before = running[0].kv_bytes()
+    hybrid.fold_to_dsla(running[0], [3])
+    assert running[0].dsla_layers == {3} and running[0].kv_bytes() < kv_before
+    for t in range(40, 50):
+        a, _ = hybrid(ids[:, t : t + 1], cache=running)
+        b, _ = hybrid(ids[:, t : t + 1], cache=started)
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_cache_bytes_per_sequence():
+    hybrid = hybrid_with(range(4))
+    short, long = torch.randint(0, 99, (1, 10)), torch.randint(0, 99, (1, 200))
+    sizes = {}
+    for plan in ([], [0, 1], [0, 1, 2, 3]):
+        for name, ids in (("short", short), ("long", long)):
+            cache = HybridCache([hybrid.new_cache(plan, capacity=ids.shape[1])])
+            hybrid(ids, cache=cache)
+            sizes[len(plan), name] = cache.bytes_per_sequence()[0]
+    assert sizes[4, "short"] == sizes[4, "long"]  # all-DSLA: independent of length
+    assert sizes[0, "long"] > 10 * sizes[0, "short"] * 0.9
+    kv_per_token = hybrid.cache_bytes_per_token([])
+    assert sizes[0, "long"] == 200 * kv_per_token
+    assert sizes[2, "long"] == 200 * hybrid.cache_bytes_per_token([0, 1]) + hybrid.state_bytes([0, 1])
+
+
+def test_loader_errors(tmp_path):
+    with pytest.raises(ModelLoadError, match=r"config\.json is missing"):
+        load_base(str(tmp_path))
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load_base(str(tmp_path / "x.gguf"))
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
+    gpt2.save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(ModelLoadError, match="not supported"):
+        load_base(str(tmp_path / "gpt2"))
+    with pytest.raises(ModelLoadError, match="dtype"):
+        load_base(str(tmp_path), dtype="int3")
