@@ -50,3 +50,35 @@ def embedded():
     from dsla_serve.model import load_base
 
     return load_base()
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """The embedded model's tokenizer (converting the GGUF on first use)."""
+    from transformers import AutoTokenizer
+
+    from dsla_serve.model.loader import resolve
+
+    return AutoTokenizer.from_pretrained(resolve(None)[0])
+
+
+def write_corpus(folder, docs: int = 12, seed: int = 0) -> None:
+    """A small text corpus (varied sentences) under folder, one document per file."""
+    import random
+
+    rng = random.Random(seed)
+    words = "the a lighthouse keeper wrote weather wind ship harbour storm calm boat letter flour oil sea day night".split()
+    folder.mkdir(parents=True, exist_ok=True)
+    for d in range(docs):
+        text = " ".join(" ".join(rng.choice(words) for _ in range(rng.randint(5, 12))) + "." for _ in range(120))
+        (folder / f"doc{d:02d}.txt").write_text(text)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, tokenizer):
+    """A tiny random Llama with the embedded tokenizer, saved as a checkpoint dir the CLI can load."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    model = tiny_llama(vocab_size=len(tokenizer), num_hidden_layers=3)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

@@ -166,7 +166,7 @@ def save_dsla(
     if len(configs) > 1:
         raise ValueError("layers saved together must share one DSLA config")
     config = configs.pop() if configs else DSLAConfig()
-    if manifest["layers"] and manifest.get("dsla_config") != config.to_dict():
+    if manifest["layers"] and DSLAConfig.from_dict(manifest["dsla_config"]) != config:
         raise CheckpointError(f"{path} holds layers of another DSLA config: {manifest.get('dsla_config')}")
     manifest.update(base_model=fingerprint, dsla_config=config.to_dict())
     for i, m in modules.items():

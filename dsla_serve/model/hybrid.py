@@ -76,33 +76,45 @@ class HybridModel(nn.Module):
 
     def forward(
         self,
-        input_ids: Tensor,
+        input_ids: Tensor | None,
         dsla_layers: Iterable[int] | None = None,
         cache: HybridCache | None = None,
         logits_for: str = "all",
         hidden_states_at: Iterable[int] = (),
+        stop_at: int | None = None,
+        start_at: int = 0,
+        start_hidden: Tensor | None = None,
     ) -> tuple[Tensor, dict[int, Tensor]]:
         """Logits for input_ids (B, T) and the outputs of the layers in ``hidden_states_at``.
 
         Without ``cache`` every sequence runs DSLA at ``dsla_layers`` (default: all available) and
         autograd works. With ``cache`` each sequence follows its own cache's plan, continues from its
         cached length, and the cache is updated in place. ``logits_for``: "all", "last" or "none".
+        ``stop_at=i`` returns instead the residual stream entering layer i (B, T, hidden) and no logits;
+        ``start_at=i`` with ``start_hidden`` (that stream) runs layers i.. only (cache-free forwards).
         """
-        B, T = input_ids.shape
+        B, T = input_ids.shape if start_hidden is None else start_hidden.shape[:2]
+        device = self.device
+        if cache is not None and (stop_at is not None or start_hidden is not None):
+            raise ValueError("stop_at/start_at are for cache-free forwards (a cached forward runs every layer)")
         if cache is not None:
             if len(cache) != B:
                 raise ValueError(f"cache holds {len(cache)} sequences for a batch of {B}")
-            starts = torch.tensor([s.length for s in cache.sequences], device=input_ids.device)
+            starts = torch.tensor([s.length for s in cache.sequences], device=device)
             plans = [s.dsla_layers for s in cache.sequences]
         else:
             plan = frozenset(self.dsla_layers if dsla_layers is None else check_layers(self.base, dsla_layers))
-            starts, plans = torch.zeros(B, dtype=torch.long, device=input_ids.device), [plan] * B
-        positions = starts[:, None] + torch.arange(T, device=input_ids.device)  # (B, T)
-        x = self.embed_tokens(input_ids)
+            starts, plans = torch.zeros(B, dtype=torch.long, device=device), [plan] * B
+        positions = starts[:, None] + torch.arange(T, device=device)  # (B, T)
+        x = self.embed_tokens(input_ids) if start_hidden is None else start_hidden
         cos, sin = self.rotary_emb(x, positions)  # (B, T, D) each
         keep = set(hidden_states_at)
         hidden: dict[int, Tensor] = {}
         for i, layer in enumerate(decoder_layers(self.base)):
+            if i < start_at:
+                continue
+            if i == stop_at:
+                return x, hidden
             h = layer.input_layernorm(x)
             x = x + self.mix(i, h, cos, sin, [i in p for p in plans], cache)
             x = x + layer.mlp(layer.post_attention_layernorm(x))

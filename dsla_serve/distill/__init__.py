@@ -1,0 +1,1 @@
+"""Distillation of DSLA layers: data, losses, layer order, the chained training loop."""

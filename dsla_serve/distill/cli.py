@@ -1,0 +1,170 @@
+"""``dsla-serve order`` and ``dsla-serve distill``: the offline half of the pipeline."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+err = Console(stderr=True)
+PYDOC = "pydoc"  # --data keyword: Debian's Python documentation sources, fetched on first use
+
+
+def resolve_data(data: str) -> str:
+    from dsla_serve.distill.data import cached_python_docs
+
+    return str(cached_python_docs()) if data == PYDOC else data
+
+
+def parse_order(text: str | None, n: int) -> tuple[list[int], str]:
+    """--order: a JSON file written by `dsla-serve order`, or comma-separated layers; default: entropy."""
+    if text is None:
+        return [], "entropy (computed now)"
+    path = Path(text)
+    if path.is_file():
+        order = json.loads(path.read_text())["order"]
+        source = str(path)
+    else:
+        try:
+            order, source = [int(x) for x in text.split(",")], "command line"
+        except ValueError:
+            raise typer.BadParameter(f"--order takes an order JSON file or layers like 22,11,5: {text!r}") from None
+    bad = [i for i in order if not 0 <= i < n]
+    if bad or len(set(order)) != len(order):
+        raise typer.BadParameter(f"--order must list distinct layers in [0, {n}): {order}")
+    return order, source
+
+
+def order(
+    data: str = typer.Option(PYDOC, help=f"Calibration text (file, dir, hf:NAME, or '{PYDOC}')."),
+    metric: str = typer.Option("entropy", help="entropy (the paper's) or kl (per-layer conversion cost)."),
+    model: str = typer.Option(None, help="Base model (default: embedded SmolLM2-135M-Instruct)."),
+    blocks: int = typer.Option(4, min=1, help="Calibration blocks of --seq-len tokens."),
+    seq_len: int = typer.Option(1024, min=64),
+    steps: int = typer.Option(60, min=0, help="kl: layer-local training steps per layer before measuring."),
+    out: Path = typer.Option(None, help="Write the order JSON here too."),
+) -> None:
+    """Rank layers by sensitivity, least sensitive (converted first) first; prints JSON."""
+    from dsla_serve.distill.data import load_data
+    from dsla_serve.distill.order import attention_entropy, kl_sensitivity, order_from_scores
+    from dsla_serve.distill.train import DistillConfig
+    from dsla_serve.model import HybridModel, load_base
+
+    if metric not in ("entropy", "kl"):
+        raise typer.BadParameter(f"--metric must be entropy or kl, got {metric!r}")
+    loaded = load_base(model)
+    hybrid = HybridModel(loaded.model)
+    text = load_data(resolve_data(data), loaded.tokenizer, seq_len, max_train_blocks=blocks, max_val_blocks=blocks)
+    start = time.perf_counter()
+    if metric == "entropy":
+        scores = attention_entropy(hybrid, text.train)
+    else:
+        cfg = DistillConfig(order=[], steps=steps)
+        scores = kl_sensitivity(
+            hybrid, text.train, text.val, cfg,
+            lambda i, n, s: err.print(f"layer {i + 1}/{n}: KL {s:.4f}"),
+        )  # fmt: skip
+    result = {
+        "metric": metric,
+        "order": order_from_scores(scores),
+        "scores": {str(i): s for i, s in enumerate(scores)},
+        "direction": "lowest score first",
+        "data": text.describe(),
+        "steps": steps if metric == "kl" else None,
+        "seconds": time.perf_counter() - start,
+        "command": "dsla-serve " + shlex.join(sys.argv[1:]),
+    }
+    if out:
+        out.write_text(json.dumps(result, indent=1))
+    print(json.dumps(result))
+
+
+def distill(
+    out: Path = typer.Option(..., help="Output dir: one safetensors file per layer + manifest.json (resumable)."),
+    data: str = typer.Option(PYDOC, help=f"Training text (file, dir, hf:NAME, or '{PYDOC}')."),
+    order_spec: str = typer.Option(
+        None, "--order", help="Order JSON from `dsla-serve order`, or 22,11,... (default: entropy)."
+    ),
+    model: str = typer.Option(None, help="Base model (default: embedded SmolLM2-135M-Instruct)."),
+    variant: str = typer.Option("dsla", help="dsla (two states) or gla (single-state ablation)."),
+    layers: int = typer.Option(None, min=1, help="Distil only the first N layers of the order."),
+    steps: int = typer.Option(150, min=0, help="Layer-local steps per layer."),
+    e2e_steps: int = typer.Option(0, min=0, help="End-to-end (KL/CE) steps per layer after the local stage."),
+    batch_size: int = typer.Option(2, min=1),
+    lr: float = typer.Option(3e-3),
+    seq_len: int = typer.Option(1024, min=64),
+    train_blocks: int = typer.Option(24, min=1),
+    val_blocks: int = typer.Option(8, min=1),
+    w_attn: float = typer.Option(1.0, help="Weight: layer output vs attention output (local)."),
+    w_hidden: float = typer.Option(0.0, help="Weight: residual stream vs the teacher's (local)."),
+    w_kl: float = typer.Option(1.0, help="Weight: KL to the teacher's logits (e2e)."),
+    w_ce: float = typer.Option(0.0, help="Weight: next-token cross-entropy (e2e)."),
+    temperature: float = typer.Option(2.0, help="KL temperature."),
+    rope: bool = typer.Option(True, help="Apply RoPE inside DSLA."),
+    seed: int = typer.Option(0),
+) -> None:
+    """Chained distillation of DSLA layers in the given order, with a progress bar and a manifest."""
+    from accelerate import Accelerator
+
+    from dsla_serve.config import DSLAConfig
+    from dsla_serve.distill.data import DataError, load_data
+    from dsla_serve.distill.losses import LossWeights
+    from dsla_serve.distill.order import attention_entropy, order_from_scores
+    from dsla_serve.distill.train import DistillConfig
+    from dsla_serve.distill.train import distill as run
+    from dsla_serve.model import HybridModel, load_base
+    from dsla_serve.runtime import machine_info
+
+    accelerator = Accelerator()
+    loaded = load_base(model)
+    hybrid = HybridModel(loaded.model.to(accelerator.device))
+    try:
+        text = load_data(resolve_data(data), loaded.tokenizer, seq_len, max_train_blocks=train_blocks,
+                         max_val_blocks=val_blocks, seed=seed)  # fmt: skip
+    except DataError as e:
+        err.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from e
+    layer_order, source = parse_order(order_spec, hybrid.num_layers)
+    if not layer_order:
+        layer_order = order_from_scores(attention_entropy(hybrid, text.train[:4]))
+    cfg = DistillConfig(
+        order=layer_order[:layers] if layers else layer_order,
+        dsla=DSLAConfig(variant=variant, rope=rope),
+        weights=LossWeights(attn=w_attn, hidden=w_hidden, kl=w_kl, ce=w_ce, temperature=temperature),
+        steps=steps, e2e_steps=e2e_steps, batch_size=batch_size, lr=lr, seed=seed,
+    )  # fmt: skip
+    extra = {
+        "order_source": source,
+        "command": "dsla-serve " + shlex.join(sys.argv[1:]),
+        "machine": machine_info(),
+        "base_model_name": loaded.name,
+    }
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("{task.fields[losses]}"))  # fmt: skip
+    with Progress(*columns, console=err, disable=not accelerator.is_main_process) as bar:
+        chain = bar.add_task("chain", total=len(cfg.order), losses="")
+        inner = bar.add_task("layer", total=max(steps, 1), losses="")
+
+        def progress(phase: str, step: int, total: int, losses: dict[str, float]) -> None:
+            shown = " ".join(f"{k}={v:.4g}" for k, v in losses.items())
+            if phase.endswith("done"):
+                bar.update(chain, completed=step, losses=shown)
+            else:
+                bar.update(inner, description=phase, completed=step + 1, total=total, losses=shown)
+
+        try:
+            manifest = run(hybrid, text, cfg, out, progress, extra, accelerator)
+        except ValueError as e:
+            err.print(f"[red]error:[/red] {e}")
+            raise typer.Exit(2) from e
+    last = manifest["chain"][-1] if manifest.get("chain") else None
+    if last:
+        err.print(
+            f"done: {len(manifest['chain'])} layers in {out}; validation perplexity x{last['val_ppl_ratio']:.3f} of attention"
+        )

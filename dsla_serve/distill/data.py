@@ -1,0 +1,172 @@
+"""Training and validation text: local files tokenised into fixed-length blocks, split by document.
+
+Accepted sources: a .txt/.md/.rst file, a .jsonl file (a "text" field per line), a .parquet file
+(a "text" column), a directory of any of them (recursive, sorted), or ``hf:NAME[:SPLIT]`` for a
+Hugging Face dataset (needs the ``datasets`` package and a network).
+
+Offline English text on Debian machines: the reST sources of the Python documentation
+(``fetch_python_docs``; PSF licence), ~11 MB and ~2.7 M tokens.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+TEXT_SUFFIXES = (".txt", ".md", ".rst")
+PYDOC_PACKAGE = "python3.11-doc"
+PYDOC_SOURCES = "usr/share/doc/python3.11/html/_sources"
+
+
+class DataError(ValueError):
+    """Training data could not be read; the message names the file."""
+
+
+@dataclass
+class TextData:
+    train: Tensor  # (N, seq_len) token ids
+    val: Tensor  # (M, seq_len)
+    fingerprint: str  # sha256 over both splits' tokens and the settings
+    source: str
+    documents: int
+
+    def describe(self) -> dict:
+        return {
+            "source": self.source,
+            "fingerprint": self.fingerprint,
+            "documents": self.documents,
+            "train_blocks": self.train.shape[0],
+            "val_blocks": self.val.shape[0],
+            "seq_len": self.train.shape[1],
+        }
+
+
+def fetch_python_docs(out: str | Path) -> Path:
+    """Unpack Debian's python3.11-doc reST sources under ``out`` (apt-get download + dpkg -x, no install)."""
+    out = Path(out)
+    target = out / PYDOC_SOURCES
+    if target.is_dir():
+        return target
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            subprocess.run(["apt-get", "download", PYDOC_PACKAGE], cwd=tmp, check=True, capture_output=True)
+            deb = next(Path(tmp).glob(f"{PYDOC_PACKAGE}_*.deb"))
+            subprocess.run(["dpkg", "-x", str(deb), str(out)], check=True, capture_output=True)
+        except (OSError, subprocess.CalledProcessError, StopIteration) as e:
+            raise DataError(f"could not fetch {PYDOC_PACKAGE} with apt-get/dpkg (Debian only): {e}") from e
+    if not target.is_dir():
+        raise DataError(f"{PYDOC_PACKAGE} did not contain {PYDOC_SOURCES}")
+    return target
+
+
+def read_file(path: Path, text_field: str) -> list[str]:
+    if path.suffix in TEXT_SUFFIXES:
+        return [path.read_text(encoding="utf-8", errors="replace")]
+    if path.suffix == ".jsonl":
+        docs = []
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                docs.append(json.loads(line)[text_field])
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise DataError(f"{path}:{n}: expected a JSON object with a {text_field!r} field ({e})") from e
+        return docs
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+        if text_field not in table.column_names:
+            raise DataError(f"{path}: no {text_field!r} column (columns: {table.column_names})")
+        return [str(x) for x in table.column(text_field).to_pylist() if x]
+    raise DataError(f"{path}: unsupported file type (use {', '.join(TEXT_SUFFIXES)}, .jsonl or .parquet)")
+
+
+def read_documents(source: str | Path, text_field: str = "text") -> list[tuple[str, str]]:
+    """(name, text) pairs from a file, a directory or ``hf:NAME[:SPLIT]``."""
+    source = str(source)
+    if source.startswith("hf:"):
+        try:
+            import datasets
+        except ImportError as e:
+            raise DataError("hf: datasets need the `datasets` package (pip install datasets) and a network") from e
+        name, _, split = source[3:].partition(":")
+        ds = datasets.load_dataset(name, split=split or "train")
+        return [(f"{name}/{i}", row[text_field]) for i, row in enumerate(ds)]
+    path = Path(source).expanduser()
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in (*TEXT_SUFFIXES, ".jsonl", ".parquet"))
+        if not files:
+            raise DataError(f"{path} holds no .txt/.md/.rst/.jsonl/.parquet files")
+    elif path.is_file():
+        files = [path]
+    else:
+        raise DataError(f"{path} does not exist")
+    docs = []
+    for f in files:
+        name = str(f.relative_to(path)) if path.is_dir() else f.name
+        docs += [(f"{name}#{i}", text) for i, text in enumerate(read_file(f, text_field)) if text.strip()]
+    return docs
+
+
+def is_validation(name: str, val_percent: float) -> bool:
+    """Deterministic split by document name: the same document always lands on the same side."""
+    return int(hashlib.sha256(name.encode()).hexdigest()[:8], 16) % 10000 < val_percent * 100
+
+
+def to_blocks(docs: list[str], tokenizer, seq_len: int) -> Tensor:
+    """Concatenate documents (EOS between them) and cut into (N, seq_len) blocks; the remainder is dropped."""
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    for text in docs:
+        ids += [*tokenizer(text, add_special_tokens=False).input_ids, eos]
+    n = len(ids) // seq_len
+    return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
+
+
+def load_data(
+    source: str | Path,
+    tokenizer,
+    seq_len: int = 1024,
+    val_percent: float = 5.0,
+    max_train_blocks: int | None = None,
+    max_val_blocks: int | None = None,
+    seed: int = 0,
+    text_field: str = "text",
+) -> TextData:
+    """Tokenised blocks of held-in and held-out documents; training blocks shuffled with ``seed``."""
+    docs = read_documents(source, text_field)
+    train_docs = [t for n, t in docs if not is_validation(n, val_percent)]
+    val_docs = [t for n, t in docs if is_validation(n, val_percent)]
+    if not val_docs or not train_docs:
+        raise DataError(f"{source}: {len(docs)} documents give an empty train or validation split; add more text")
+    train, val = to_blocks(train_docs, tokenizer, seq_len), to_blocks(val_docs, tokenizer, seq_len)
+    if len(train) == 0 or len(val) == 0:
+        raise DataError(f"{source}: too little text for one {seq_len}-token block per split")
+    gen = torch.Generator().manual_seed(seed)
+    train = train[torch.randperm(len(train), generator=gen)][:max_train_blocks]
+    val = val[:max_val_blocks]
+    h = hashlib.sha256(f"{seq_len}:{val_percent}:{seed}".encode())
+    h.update(train.numpy().tobytes())
+    h.update(val.numpy().tobytes())
+    return TextData(train, val, h.hexdigest(), str(source), len(docs))
+
+
+def cached_python_docs() -> Path:
+    """Python docs under the dsla-serve cache dir, fetched on first use."""
+    from dsla_serve.model.loader import cache_dir
+
+    out = cache_dir() / "data" / "pydoc"
+    try:
+        return fetch_python_docs(out)
+    except DataError:
+        shutil.rmtree(out, ignore_errors=True)
+        raise

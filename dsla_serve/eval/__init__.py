@@ -1,0 +1,1 @@
+"""Quality measurements of hybrid models: perplexity, pass-key retrieval, recency profiles, lm-eval."""

@@ -1,0 +1,123 @@
+"""Data loading, layer order, and chained distillation (loss goes down, interrupted runs resume)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+import torch
+
+from dsla_serve.distill.data import DataError, load_data, read_documents
+from dsla_serve.distill.losses import LossWeights
+from dsla_serve.distill.order import attention_entropy, kl_sensitivity, order_from_scores
+from dsla_serve.distill.train import DistillConfig, distill
+from dsla_serve.model import CheckpointError, HybridModel, convert
+from tests.conftest import tiny_llama, write_corpus
+
+
+@pytest.fixture
+def corpus(tmp_path, tokenizer):
+    write_corpus(tmp_path / "text", docs=40)
+    return load_data(tmp_path / "text", tokenizer, seq_len=64, val_percent=20, max_train_blocks=8, max_val_blocks=4)
+
+
+def test_data_formats_and_errors(tmp_path, tokenizer):
+    (tmp_path / "a.jsonl").write_text('{"text": "first doc"}\n\n{"text": "second doc"}\n')
+    assert [t for _, t in read_documents(tmp_path / "a.jsonl")] == ["first doc", "second doc"]
+    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"body": "no text field"}\n')
+    with pytest.raises(DataError, match=r"bad\.jsonl:2"):
+        read_documents(tmp_path / "bad.jsonl")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": ["x y z", "u v w"]}), tmp_path / "t.parquet")
+    assert len(read_documents(tmp_path / "t.parquet")) == 2
+    with pytest.raises(DataError, match="does not exist"):
+        read_documents(tmp_path / "missing")
+    with pytest.raises(DataError, match="empty train or validation"):
+        load_data(tmp_path / "a.jsonl", tokenizer, seq_len=8)
+
+
+def test_split_is_by_document_and_deterministic(corpus, tmp_path, tokenizer):
+    again = load_data(tmp_path / "text", tokenizer, seq_len=64, val_percent=20, max_train_blocks=8, max_val_blocks=4)
+    assert again.fingerprint == corpus.fingerprint and torch.equal(again.train, corpus.train)
+    assert corpus.train.shape == (8, 64) and corpus.val.shape == (4, 64)
+    other = load_data(tmp_path / "text", tokenizer, seq_len=64, val_percent=20, max_train_blocks=8, seed=1)
+    assert other.fingerprint != corpus.fingerprint
+
+
+def test_entropy_order_on_tiny_model(corpus):
+    hybrid = HybridModel(tiny_llama(vocab_size=49152))
+    scores = attention_entropy(hybrid, corpus.train[:2])
+    assert len(scores) == 4 and all(0 < s < 64 for s in scores)  # entropy of <= 64 positions: below ln(64)·...
+    order = order_from_scores(scores)
+    assert sorted(order) == [0, 1, 2, 3] and scores[order[0]] == min(scores)
+
+
+def test_kl_sensitivity_on_tiny_model(corpus):
+    hybrid = HybridModel(tiny_llama(vocab_size=49152))
+    scores = kl_sensitivity(
+        hybrid, corpus.train[:2], corpus.val[:2], DistillConfig(order=[], steps=3, bf16_frozen=False)
+    )
+    assert len(scores) == 4 and all(s > 0 for s in scores)
+    assert not any(hybrid.dsla_layers)  # every layer put back
+
+
+def run_chain(model, corpus, out, **kw):
+    cfg = DistillConfig(order=[2, 0], steps=25, batch_size=2, lr=1e-2, bf16_frozen=False, **kw)
+    return distill(HybridModel(model), corpus, cfg, out)
+
+
+def test_chained_distillation_lowers_loss_and_records_manifest(corpus, tmp_path):
+    manifest = run_chain(tiny_llama(vocab_size=49152), corpus, tmp_path / "run",
+                         weights=LossWeights(attn=1.0, hidden=0.5))  # fmt: skip
+    chain = manifest["chain"]
+    assert [c["layer"] for c in chain] == [2, 0] and manifest["order"] == [2, 0]
+    for c in chain:
+        for term in ("attn", "hidden"):
+            assert c["local"][term]["last"] < c["local"][term]["first"], (c["layer"], term)
+        assert c["val_ppl"] > 0 and c["val_ppl_ratio"] == pytest.approx(c["val_ppl"] / manifest["teacher_val_ppl"])
+    assert manifest["data_fingerprint"] == corpus.fingerprint
+    assert manifest["hyperparameters"]["steps"] == 25
+    assert sorted(manifest["layers"]) == ["0", "2"]
+
+
+def test_e2e_stage_lowers_kl(corpus, tmp_path):
+    manifest = run_chain(tiny_llama(vocab_size=49152), corpus, tmp_path / "run", e2e_steps=15, e2e_seq_len=32,
+                         weights=LossWeights(attn=1.0, kl=1.0, ce=0.1))  # fmt: skip
+    for c in manifest["chain"]:
+        assert c["e2e"]["kl"]["last"] < c["e2e"]["kl"]["first"]
+
+
+def test_interrupted_run_resumes_and_skips_finished_layers(corpus, tmp_path):
+    out = tmp_path / "run"
+    cfg = DistillConfig(order=[2, 0, 1], steps=10, bf16_frozen=False)
+    calls = []
+
+    def interrupt_after_first_layer(phase, step, total, losses):
+        calls.append(phase)
+        if phase == "layer 0 local":  # second layer of the order is training: stop the run
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        distill(HybridModel(tiny_llama(vocab_size=49152)), corpus, cfg, out, interrupt_after_first_layer)
+    first = json.loads((out / "manifest.json").read_text())
+    assert [c["layer"] for c in first["chain"]] == [2]
+    digest = hashlib.sha256((out / "layer_2.safetensors").read_bytes()).hexdigest()
+
+    phases = []
+    manifest = distill(HybridModel(tiny_llama(vocab_size=49152)), corpus, cfg, out, lambda p, *a: phases.append(p))
+    assert [c["layer"] for c in manifest["chain"]] == [2, 0, 1]
+    assert not any(p.startswith("layer 2") for p in phases)  # not retrained
+    assert hashlib.sha256((out / "layer_2.safetensors").read_bytes()).hexdigest() == digest
+    assert manifest["chain"][0] == first["chain"][0]
+
+    with pytest.raises(ValueError, match="other hyperparameters"):
+        distill(HybridModel(tiny_llama(vocab_size=49152)), corpus, DistillConfig(order=[2, 0, 1], steps=11), out)
+
+
+def test_distilled_layers_refuse_another_base(corpus, tmp_path):
+    run_chain(tiny_llama(vocab_size=49152), corpus, tmp_path / "run")
+    with pytest.raises(CheckpointError, match="another base model"):
+        convert(tiny_llama(seed=3, vocab_size=49152), [2], weights=tmp_path / "run")
