@@ -19,8 +19,9 @@ class DSLAConfig:
     """
 
     variant: str = "dsla"  # "dsla": two states; "gla": single-state ablation
-    rope: bool = True  # apply the attention's rotary embedding to q and k inside DSLA
+    rope: bool = False  # apply the attention's rotary embedding to q and k inside DSLA (measured: better off)
     normalize: bool = True  # RMS-normalise each state's read-out (with a learned per-channel gain)
+    output_gate: bool = True  # scale the output per channel by 2·sigmoid(W q + b), from the token's own query
     gate_normalizer: float = 16.0  # g = logsigmoid(W [k; v] + b) / gate_normalizer, clamped at GATE_MIN
     far_half_life: tuple[float, float] = (256.0, 8192.0)  # initial half-lives (tokens) of the history state
     close_half_life: tuple[float, float] = (1.0, 32.0)  # ... and of the recency state

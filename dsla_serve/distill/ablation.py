@@ -27,12 +27,13 @@ from dsla_serve.distill.train import DistillConfig, Trainer, build_problem, trai
 from dsla_serve.model import HybridModel, convert, load_base, revert
 from dsla_serve.runtime import machine_info, tune_allocator
 
-VARIANTS = {  # name: two states, RMS read-out norm and RoPE unless the name says otherwise
+VARIANTS = {  # name: two states, RMS read-out norm and no RoPE unless the name says otherwise
     "dsla": {"config": DSLAConfig()},
-    "dsla-no-rope": {"config": DSLAConfig(rope=False)},
+    "dsla-rope": {"config": DSLAConfig(rope=True)},
     "dsla-no-norm": {"config": DSLAConfig(normalize=False)},  # the authors' code
     "gla": {"config": DSLAConfig(variant="gla")},  # one state
     "dsla-tuned-qo": {"config": DSLAConfig(), "tune_qo": True},  # q_proj/o_proj fine-tuned too
+    "dsla-out-gate": {"config": DSLAConfig(output_gate=True)},  # per-channel output gate from the query
 }
 
 

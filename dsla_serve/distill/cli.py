@@ -94,7 +94,7 @@ def distill(
     model: str = typer.Option(None, help="Base model (default: embedded SmolLM2-135M-Instruct)."),
     variant: str = typer.Option("dsla", help="dsla (two states) or gla (single-state ablation)."),
     layers: int = typer.Option(None, min=1, help="Distil only the first N layers of the order."),
-    steps: int = typer.Option(150, min=0, help="Layer-local steps per layer."),
+    steps: int = typer.Option(300, min=0, help="Layer-local steps per layer."),
     e2e_steps: int = typer.Option(0, min=0, help="End-to-end (KL/CE) steps per layer after the local stage."),
     batch_size: int = typer.Option(2, min=1),
     lr: float = typer.Option(3e-3),
@@ -106,7 +106,8 @@ def distill(
     w_kl: float = typer.Option(1.0, help="Weight: KL to the teacher's logits (e2e)."),
     w_ce: float = typer.Option(0.0, help="Weight: next-token cross-entropy (e2e)."),
     temperature: float = typer.Option(2.0, help="KL temperature."),
-    rope: bool = typer.Option(True, help="Apply RoPE inside DSLA."),
+    rope: bool = typer.Option(False, help="Apply RoPE inside DSLA (measured: slightly worse; off)."),
+    output_gate: bool = typer.Option(True, help="Per-channel output gate from the query (measured: better)."),
     seed: int = typer.Option(0),
 ) -> None:
     """Chained distillation of DSLA layers in the given order, with a progress bar and a manifest."""
@@ -135,7 +136,7 @@ def distill(
         layer_order = order_from_scores(attention_entropy(hybrid, text.train[:4]))
     cfg = DistillConfig(
         order=layer_order[:layers] if layers else layer_order,
-        dsla=DSLAConfig(variant=variant, rope=rope),
+        dsla=DSLAConfig(variant=variant, rope=rope, output_gate=output_gate),
         weights=LossWeights(attn=w_attn, hidden=w_hidden, kl=w_kl, ce=w_ce, temperature=temperature),
         steps=steps, e2e_steps=e2e_steps, batch_size=batch_size, lr=lr, seed=seed,
     )  # fmt: skip

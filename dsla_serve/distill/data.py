@@ -55,6 +55,7 @@ def fetch_python_docs(out: str | Path) -> Path:
     target = out / PYDOC_SOURCES
     if target.is_dir():
         return target
+    out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         try:
             subprocess.run(["apt-get", "download", PYDOC_PACKAGE], cwd=tmp, check=True, capture_output=True)

@@ -53,7 +53,7 @@ class DistillConfig:
     order: list[int]
     dsla: DSLAConfig = field(default_factory=DSLAConfig)
     weights: LossWeights = field(default_factory=LossWeights)
-    steps: int = 150  # layer-local steps per layer
+    steps: int = 300  # layer-local steps per layer
     batch_size: int = 2
     lr: float = 3e-3
     e2e_steps: int = 0  # end-to-end steps per layer (KL/CE); 0 = layer-local only
@@ -232,17 +232,28 @@ def summarize(history: list[dict[str, float]], tail: int = 10) -> dict[str, dict
 
 
 def resume_state(out: Path, fingerprint: dict, cfg: DistillConfig, data: TextData) -> dict[str, Any] | None:
-    """The existing run's manifest if ``out`` holds one made with the same settings; error if not."""
+    """The existing run's manifest if ``out`` holds one made with the same settings; error if not.
+
+    The order may grow: a run over the first k layers of an order is extended by a run over more.
+    """
     file = out / MANIFEST
     if not file.is_file():
         return None
     manifest = json.loads(file.read_text())
-    mine = {"base_model": fingerprint, "hyperparameters": cfg.to_dict(), "data_fingerprint": data.fingerprint}
-    for key, value in mine.items():
-        if manifest.get(key) != json.loads(json.dumps(value)):  # compare as stored (tuples become lists)
+    theirs = dict(manifest.get("hyperparameters", {}))
+    mine = json.loads(json.dumps(cfg.to_dict()))  # as stored: tuples become lists
+    old_order, new_order = theirs.pop("order", []), mine.pop("order")
+    checks = {
+        "base model": manifest.get("base_model") == fingerprint,
+        "hyperparameters": theirs == mine,
+        "data": manifest.get("data_fingerprint") == data.fingerprint,
+        "order": new_order[: len(old_order)] == old_order,
+    }
+    for what, ok in checks.items():
+        if not ok:
             raise ValueError(
-                f"{out} holds a distillation run with other {key.replace('_', ' ')}; "
-                f"resume only with the same settings, or pass another --out"
+                f"{out} holds a distillation run with a different {what}; resume only with the same "
+                f"settings (the order may only be extended), or pass another --out"
             )
     return manifest
 

@@ -153,3 +153,33 @@ def lm_eval_cmd(
     results = evaluate([t.strip() for t in tasks.split(",")], args, limit, include_path)
     out = {"results": results["results"], "config": {"conversion": conversion, "limit": limit}}
     print(json.dumps(out, default=str) if as_json else json.dumps(out["results"], indent=1, default=str))
+
+
+@eval_app.command("quality")
+def quality(
+    dsla: str = typer.Option(..., help="DSLA checkpoint dir (all layers)."),
+    gla: str = typer.Option(..., help="Single-state GLA checkpoint dir distilled with the same budget."),
+    data: str = typer.Option(PYDOC),
+    seq_len: int = typer.Option(1024, min=300),
+    blocks: int = typer.Option(32, min=1),
+    context: str = typer.Option("1024,2048,4096,8192"),
+    trials: int = typer.Option(8, min=1),
+    passkey_dtype: str = typer.Option("bfloat16", help="Engine dtype for the (long) pass-key prefills."),
+    out_dir: Path = typer.Option(Path("."), help="Where QUALITY.md, quality.json and recency.png go."),
+) -> None:
+    """Write QUALITY.md: perplexity (DSLA vs GLA) by level, pass-key by context, recency plot."""
+    from transformers import AutoTokenizer
+
+    from dsla_serve.distill.data import load_data
+    from dsla_serve.eval.report import run_quality, write_report
+    from dsla_serve.model.loader import resolve
+
+    start = time.perf_counter()
+    tok = AutoTokenizer.from_pretrained(resolve(None)[0])
+    text = load_data(resolve_data(data), tok, seq_len, max_train_blocks=1, max_val_blocks=blocks)
+    val, desc = text.val, text.describe()
+    contexts = [int(c) for c in parse_floats(context, "--context")]
+    result = run_quality(dsla, gla, val, contexts=contexts, trials=trials, passkey_dtype=passkey_dtype,
+                         log=lambda m: err.print(m))  # fmt: skip
+    path = write_report(result, out_dir, desc, time.perf_counter() - start)
+    err.print(f"wrote {path}")

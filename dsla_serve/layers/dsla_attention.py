@@ -71,6 +71,10 @@ class DSLAAttention(nn.Module):
         self.gate_far = nn.Linear(2 * kv_dim, kv_dim, bias=True, dtype=dtype)
         self.gain = nn.Parameter(torch.ones(self.num_heads, self.head_dim, dtype=dtype))
         c = self.config
+        if c.output_gate:  # zero-initialised: 2·sigmoid(0) = 1, so the gate starts as the identity
+            self.out_gate = nn.Linear(self.head_dim, self.head_dim, bias=False, dtype=dtype)
+            self.out_gate_bias = nn.Parameter(torch.zeros(self.num_heads, self.head_dim, dtype=dtype))
+            nn.init.zeros_(self.out_gate.weight)
         if c.variant == "dsla":
             self.gate_close = nn.Linear(2 * kv_dim, kv_dim, bias=True, dtype=dtype)
             self.alpha = nn.Parameter(torch.zeros(self.num_heads, 2))
@@ -118,6 +122,9 @@ class DSLAAttention(nn.Module):
         """Projected, un-rotated q/k/v -> output before o_proj (B, T, Hq*D) and the new state pair."""
         B, _, T, _ = q.shape
         g_far, g_close = self.gates(k, v)
+        scale = self.gain[:, None, :]  # (Hq, 1, D)
+        if self.config.output_gate:  # (B, Hq, T, D), from the un-rotated query of each token
+            scale = scale * 2 * torch.sigmoid(self.out_gate(q) + self.out_gate_bias[:, None, :])
         if self.config.rope:
             q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         kernel = step_dsla if T == 1 else chunk_dsla
@@ -126,7 +133,7 @@ class DSLAAttention(nn.Module):
             q, k, v, g_far, g_close, self.alpha,
             normalize=self.config.normalize, eps=self.config.eps, initial_state=state, **extra,
         )  # fmt: skip
-        o = o * self.gain[:, None, :]
+        o = o * scale
         return o.transpose(1, 2).reshape(B, T, -1), state
 
     def forward(

@@ -37,14 +37,20 @@ def quantize_int4(weight: Tensor, group: int = GROUP) -> tuple[Tensor, Tensor, T
     return codes.view(out_f, in_f).to(torch.int32), scale_b, zero_b
 
 
+def supports(linear: nn.Linear, group: int = GROUP) -> bool:
+    """The CPU kernel packs 16 output channels and ``group`` input channels at a time."""
+    out_f, in_f = linear.weight.shape
+    return in_f % group == 0 and out_f % 16 == 0
+
+
 class Int4Linear(nn.Module):
     """A frozen ``nn.Linear`` with int4 weights for decode and their bf16 dequantisation for prefill."""
 
     def __init__(self, linear: nn.Linear, group: int = GROUP):
         super().__init__()
         out_f, in_f = linear.weight.shape
-        if in_f % group:
-            raise ValueError(f"in_features {in_f} is not a multiple of the int4 group size {group}")
+        if not supports(linear, group):
+            raise ValueError(f"int4 needs in_features % {group} == 0 and out_features % 16 == 0, got {in_f}, {out_f}")
         self.in_features, self.out_features, self.group = in_f, out_f, group
         codes, scale, zero = quantize_int4(linear.weight, group)
         self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1))
@@ -72,7 +78,8 @@ class Int4Linear(nn.Module):
 def quantize_model_int4(model: nn.Module) -> int:
     """Replace every decoder-layer ``nn.Linear`` (q/k/v/o, MLP) by ``Int4Linear``, in place.
 
-    Converted layers keep sharing q/k/v/o with the attention they replaced. Returns the count.
+    Converted layers keep sharing q/k/v/o with the attention they replaced. Shapes the kernel cannot
+    pack stay as they are. Returns the count replaced.
     """
     from dsla_serve.layers import DSLAAttention
     from dsla_serve.model.convert import decoder_layers, original_attention
@@ -82,7 +89,7 @@ def quantize_model_int4(model: nn.Module) -> int:
         attn = original_attention(model, i)
         for parent in (attn, layer.mlp):
             for name, child in list(parent.named_children()):
-                if isinstance(child, nn.Linear):
+                if isinstance(child, nn.Linear) and supports(child):
                     setattr(parent, name, Int4Linear(child))
                     count += 1
         if isinstance(layer.self_attn, DSLAAttention):

@@ -113,8 +113,27 @@ def test_interrupted_run_resumes_and_skips_finished_layers(corpus, tmp_path):
     assert hashlib.sha256((out / "layer_2.safetensors").read_bytes()).hexdigest() == digest
     assert manifest["chain"][0] == first["chain"][0]
 
-    with pytest.raises(ValueError, match="other hyperparameters"):
+    with pytest.raises(ValueError, match="different hyperparameters"):
         distill(HybridModel(tiny_llama(vocab_size=49152)), corpus, DistillConfig(order=[2, 0, 1], steps=11), out)
+    with pytest.raises(ValueError, match="different order"):
+        distill(
+            HybridModel(tiny_llama(vocab_size=49152)),
+            corpus,
+            DistillConfig(order=[0, 2, 1], steps=10, bf16_frozen=False),
+            out,
+        )
+
+
+def test_a_shorter_run_is_extended(corpus, tmp_path):
+    out = tmp_path / "run"
+    distill(
+        HybridModel(tiny_llama(vocab_size=49152)), corpus, DistillConfig(order=[2], steps=5, bf16_frozen=False), out
+    )
+    phases = []
+    manifest = distill(HybridModel(tiny_llama(vocab_size=49152)), corpus,
+                       DistillConfig(order=[2, 1], steps=5, bf16_frozen=False), out, lambda p, *a: phases.append(p))  # fmt: skip
+    assert [c["layer"] for c in manifest["chain"]] == [2, 1] and manifest["order"] == [2, 1]
+    assert not any(p.startswith("layer 2") for p in phases)
 
 
 def test_distilled_layers_refuse_another_base(corpus, tmp_path):

@@ -45,9 +45,10 @@ def test_reuses_attention_weights_and_adds_only_gates(tiny):
     assert layer.replaced is attn
 
 
-def test_layer_matches_kernel_reference(tiny):
-    """The layer's output is o_proj(gain * naive_dsla(rope(q), rope(k), v, gates)) as documented."""
-    layer = convert(tiny, [2])[2]
+@pytest.mark.parametrize("rope", [False, True])
+def test_layer_matches_kernel_reference(tiny, rope):
+    """The layer's output is o_proj(gain * naive_dsla(q, k, v, gates)), q/k rotated if ``rope``."""
+    layer = convert(tiny, [2], config=DSLAConfig(rope=rope))[2]
     randomize_gates([layer])
     x = torch.randn(2, 11, 64)
     pos = torch.arange(11)[None].expand(2, -1)
@@ -55,14 +56,9 @@ def test_layer_matches_kernel_reference(tiny):
     out, _ = layer(x, position_embeddings=(cos, sin))
     q, k, v = layer.project(x)
     g_far, g_close = layer.gates(k, v)
-    o, _ = naive_dsla(
-        rotate(q, cos, sin).double(),
-        rotate(k, cos, sin).double(),
-        v.double(),
-        g_far.double(),
-        g_close.double(),
-        layer.alpha.double(),
-    )
+    if rope:
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+    o, _ = naive_dsla(q.double(), k.double(), v.double(), g_far.double(), g_close.double(), layer.alpha.double())
     ref = layer.o_proj((o.float() * layer.gain[:, None]).transpose(1, 2).reshape(2, 11, -1))
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
 
@@ -77,7 +73,7 @@ def test_gla_variant_is_single_state(tiny):
     cos, sin = tiny.model.rotary_emb(x, torch.arange(9)[None])
     o_layer, _ = layer.attend(q, k, v, cos, sin)
     # one state, weight 1 on it: equals the dual kernel run with both gates equal and w = (1, 0)
-    o_ref, _ = naive_dsla(rotate(q, cos, sin), rotate(k, cos, sin), v, g_far, g_far, torch.tensor([30.0, -30.0]))
+    o_ref, _ = naive_dsla(q, k, v, g_far, g_far, torch.tensor([30.0, -30.0]))  # default config: no RoPE
     torch.testing.assert_close(o_layer, (o_ref * layer.gain[:, None]).transpose(1, 2).reshape(1, 9, -1))
 
 

@@ -1,0 +1,69 @@
+"""int4 weight-only mode: quantisation error bounds, both kernels agree, DSLA keeps sharing projections."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from dsla_serve.model import HybridCache, HybridModel, convert
+from dsla_serve.model.convert import original_attention
+from dsla_serve.model.quant import INT4_MAX_ROWS, Int4Linear, quantize_int4, quantize_model_int4
+from tests.conftest import randomize_gates, tiny_llama
+
+PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def test_codes_and_error_bound():
+    w = torch.randn(48, 96)
+    codes, scale, zero = quantize_int4(w)
+    assert codes.min() >= 0 and codes.max() <= 15 and scale.shape == (48, 3)
+    deq = (codes.view(48, 3, 32).float() - 8) * scale.float()[..., None] + zero.float()[..., None]
+    step = scale.float().repeat_interleave(32, 1)
+    # half a quantisation step, plus bf16 rounding of scale and zero
+    assert ((deq.view(48, 96) - w).abs() <= 0.5 * step + 0.02 * w.abs().amax(1, keepdim=True)).all()
+
+
+def test_exact_grid_round_trips():
+    """Weights already on a 4-bit grid (like a de-quantised Q4_1 GGUF) come back to the same codes."""
+    codes = torch.randint(0, 16, (8, 64))
+    codes[:, ::32] = 0
+    codes[:, 1::32] = 15  # every group spans the full range, as Q4_1 blocks do
+    w = codes.float() * 0.125 - 1.0
+    got, scale, zero = quantize_int4(w)
+    assert torch.equal(got, codes.int())
+
+
+def test_int4_and_bf16_paths_agree():
+    lin = torch.nn.Linear(64, 48, bias=True)
+    q = Int4Linear(lin)
+    x = torch.randn(INT4_MAX_ROWS + 3, 64)
+    ref = x @ q.weight_bf16.float().T + q.bias.float()
+    small = q(x[:INT4_MAX_ROWS])  # int4 kernel
+    large = q(x)  # bf16 GEMM
+    assert small.dtype == x.dtype == large.dtype
+    torch.testing.assert_close(small, ref[:INT4_MAX_ROWS], atol=0.05, rtol=0.02)
+    torch.testing.assert_close(large, ref, atol=0.05, rtol=0.02)
+
+
+def test_quantised_hybrid_shares_projections_and_decodes_consistently():
+    model = tiny_llama()
+    randomize_gates(convert(model, [1, 3]).values())
+    ids = torch.randint(0, 99, (1, 30))
+    reference = copy.deepcopy(model)  # float32 with the very weights the int4 layers compute with
+    with torch.no_grad():
+        for i, layer in enumerate(reference.model.layers):
+            attn = original_attention(reference, i)
+            for lin in (*(getattr(attn, n) for n in PROJ), layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
+                lin.weight.copy_(Int4Linear(lin).weight_bf16.float())
+    ref, _ = HybridModel(reference)(ids, dsla_layers=[1])
+    model = model.to(torch.bfloat16)
+    assert quantize_model_int4(model) == 4 * 7
+    dsla = model.model.layers[1].self_attn
+    assert isinstance(dsla.q_proj, Int4Linear) and dsla.q_proj is dsla.replaced.q_proj
+    hybrid = HybridModel(model)
+    full, _ = hybrid(ids, dsla_layers=[1])
+    torch.testing.assert_close(full.float(), ref, atol=0.1, rtol=0.05)  # bf16 activations, logits ~0.5
+    cache = HybridCache([hybrid.new_cache([1])])
+    steps = [hybrid(ids[:, :20], cache=cache)[0]] + [hybrid(ids[:, t : t + 1], cache=cache)[0] for t in range(20, 30)]
+    torch.testing.assert_close(torch.cat(steps, 1).float(), full.float(), atol=0.1, rtol=0.05)
