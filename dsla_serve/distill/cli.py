@@ -17,9 +17,37 @@ PYDOC = "pydoc"  # --data keyword: Debian's Python documentation sources, fetche
 
 
 def resolve_data(data: str) -> str:
+    """Replace the keyword 'pydoc' in a comma-separated list of sources by the fetched docs' path."""
     from dsla_serve.distill.data import cached_python_docs
 
-    return str(cached_python_docs()) if data == PYDOC else data
+    return ",".join(str(cached_python_docs()) if part == PYDOC else part for part in data.split(","))
+
+
+data_app = typer.Typer(no_args_is_help=True, help="Training text: fetch the Python docs, sample the teacher.")
+
+
+@data_app.command("pydoc")
+def data_pydoc() -> None:
+    """Fetch Debian's Python documentation sources into the cache dir; print their path."""
+    print(resolve_data(PYDOC))
+
+
+@data_app.command("teacher")
+def data_teacher(
+    out: Path = typer.Option(..., help="Directory for teacher.jsonl (appended to: resumable)."),
+    tokens: int = typer.Option(60000, min=1, help="Stop once the file holds this many tokens."),
+    model: str = typer.Option(None, help="Base model (default: embedded SmolLM2-135M-Instruct)."),
+    batch: int = typer.Option(8, min=1),
+    seed: int = typer.Option(0),
+) -> None:
+    """Sample the all-attention model's answers to varied chat requests, as distillation text."""
+    from dsla_serve.distill.teacher import generate_samples
+    from dsla_serve.model import HybridModel, load_base
+
+    loaded = load_base(model)
+    file = generate_samples(HybridModel(loaded.model), loaded.tokenizer, tokens, out, batch=batch, seed=seed,
+                            progress=lambda have, total: err.print(f"{have}/{total} tokens"))  # fmt: skip
+    print(file)
 
 
 def parse_order(text: str | None, n: int) -> tuple[list[int], str]:

@@ -1,8 +1,9 @@
 """Training and validation text: local files tokenised into fixed-length blocks, split by document.
 
 Accepted sources: a .txt/.md/.rst file, a .jsonl file (a "text" field per line), a .parquet file
-(a "text" column), a directory of any of them (recursive, sorted), or ``hf:NAME[:SPLIT]`` for a
-Hugging Face dataset (needs the ``datasets`` package and a network).
+(a "text" column), a directory of any of them (recursive, sorted), ``hf:NAME[:SPLIT]`` for a
+Hugging Face dataset (needs the ``datasets`` package and a network), or several of these joined
+by commas.
 
 Offline English text on Debian machines: the reST sources of the Python documentation
 (``fetch_python_docs``; PSF licence), ~11 MB and ~2.7 M tokens.
@@ -143,22 +144,37 @@ def load_data(
     seed: int = 0,
     text_field: str = "text",
 ) -> TextData:
-    """Tokenised blocks of held-in and held-out documents; training blocks shuffled with ``seed``."""
-    docs = read_documents(source, text_field)
-    train_docs = [t for n, t in docs if not is_validation(n, val_percent)]
-    val_docs = [t for n, t in docs if is_validation(n, val_percent)]
-    if not val_docs or not train_docs:
-        raise DataError(f"{source}: {len(docs)} documents give an empty train or validation split; add more text")
-    train, val = to_blocks(train_docs, tokenizer, seq_len), to_blocks(val_docs, tokenizer, seq_len)
-    if len(train) == 0 or len(val) == 0:
-        raise DataError(f"{source}: too little text for one {seq_len}-token block per split")
+    """Tokenised blocks of held-in and held-out documents; training blocks shuffled with ``seed``.
+
+    ``source`` may list several sources separated by commas: each is split and cut into blocks on
+    its own (a document lands on the same side as when its source is used alone), and the blocks
+    of the sources alternate, so a small source is not drowned by a large one.
+    """
     gen = torch.Generator().manual_seed(seed)
-    train = train[torch.randperm(len(train), generator=gen)][:max_train_blocks]
-    val = val[:max_val_blocks]
+    trains, vals, count = [], [], 0
+    for part in [s for s in str(source).split(",") if s]:
+        docs = read_documents(part, text_field)
+        count += len(docs)
+        train_docs = [t for n, t in docs if not is_validation(n, val_percent)]
+        val_docs = [t for n, t in docs if is_validation(n, val_percent)]
+        if not val_docs or not train_docs:
+            raise DataError(f"{part}: {len(docs)} documents give an empty train or validation split; add more text")
+        train, val = to_blocks(train_docs, tokenizer, seq_len), to_blocks(val_docs, tokenizer, seq_len)
+        if len(train) == 0 or len(val) == 0:
+            raise DataError(f"{part}: too little text for one {seq_len}-token block per split")
+        trains.append(train[torch.randperm(len(train), generator=gen)])
+        vals.append(val)
+    train, val = interleave(trains)[:max_train_blocks], interleave(vals)[:max_val_blocks]
     h = hashlib.sha256(f"{seq_len}:{val_percent}:{seed}".encode())
     h.update(train.numpy().tobytes())
     h.update(val.numpy().tobytes())
-    return TextData(train, val, h.hexdigest(), str(source), len(docs))
+    return TextData(train, val, h.hexdigest(), str(source), count)
+
+
+def interleave(parts: list[Tensor]) -> Tensor:
+    """Blocks of several sources in turn (a, b, a, b, ..., then the rest of the longer ones)."""
+    rows = [p[i] for i in range(max(len(p) for p in parts)) for p in parts if i < len(p)]
+    return torch.stack(rows)
 
 
 def cached_python_docs() -> Path:

@@ -38,7 +38,9 @@ def run_quality(
         log(f"{variant} perplexity done in {time.perf_counter() - start:.0f} s")
         if variant == "dsla":
             gla_layer = load_hybrid(model, gla, "float32")[0].dsla(info.order[0])
-            rec = recency_profiles(hybrid, val_blocks[:1], info.order[0], {"dsla": hybrid.dsla(info.order[0]), "gla": gla_layer})
+            rec = recency_profiles(
+                hybrid, val_blocks[:1], info.order[0], {"dsla": hybrid.dsla(info.order[0]), "gla": gla_layer}
+            )
             result["recency"] = rec
         start = time.perf_counter()
         hybrid, tok, info = load_hybrid(model, weights, passkey_dtype)
@@ -95,8 +97,12 @@ def write_report(result: dict, out_dir: Path, data_desc: dict, seconds: float) -
             levels = sorted({r["level"] for r in result[f"passkey_{variant}"]}, key=float)
             for lv in levels:
                 name = "attention" if float(lv) == 0 else f"{variant.upper()} {100 * float(lv):.0f} %"
-                cells = {r["context"]: r for r in result[f"passkey_{variant}"] if r["filler"] == filler and r["level"] == lv}
-                lines.append(f"| {name} | " + " | ".join(f"{cells[c]['correct']}/{cells[c]['trials']}" for c in contexts) + " |")
+                cells = {
+                    r["context"]: r for r in result[f"passkey_{variant}"] if r["filler"] == filler and r["level"] == lv
+                }
+                lines.append(
+                    f"| {name} | " + " | ".join(f"{cells[c]['correct']}/{cells[c]['trials']}" for c in contexts) + " |"
+                )
         lines.append("")
     rec = result["recency"]
     lines += [

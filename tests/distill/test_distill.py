@@ -140,3 +140,18 @@ def test_distilled_layers_refuse_another_base(corpus, tmp_path):
     run_chain(tiny_llama(vocab_size=49152), corpus, tmp_path / "run")
     with pytest.raises(CheckpointError, match="another base model"):
         convert(tiny_llama(seed=3, vocab_size=49152), [2], weights=tmp_path / "run")
+
+
+def test_several_sources_alternate_and_keep_their_split(tmp_path, tokenizer):
+    write_corpus(tmp_path / "a", docs=30, seed=1)
+    write_corpus(tmp_path / "b", docs=30, seed=2)
+    alone = load_data(tmp_path / "b", tokenizer, seq_len=64, val_percent=20)
+    both = load_data(f"{tmp_path / 'a'},{tmp_path / 'b'}", tokenizer, seq_len=64, val_percent=20, max_train_blocks=6)
+    a = load_data(tmp_path / "a", tokenizer, seq_len=64, val_percent=20)
+    assert both.documents == 60 and both.train.shape == (6, 64)
+    b_train = {tuple(r.tolist()) for r in alone.train}
+    a_train = {tuple(r.tolist()) for r in a.train}
+    assert [tuple(r.tolist()) in a_train for r in both.train] == [True, False] * 3
+    assert all(tuple(r.tolist()) in b_train for r in both.train[1::2])
+    val_rows = {tuple(r.tolist()) for r in both.val}
+    assert {tuple(r.tolist()) for r in alone.val} <= val_rows  # b's held-out documents stay held out

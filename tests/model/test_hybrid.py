@@ -192,3 +192,24 @@ def test_loader_errors(tmp_path):
         load_base(str(tmp_path / "gpt2"))
     with pytest.raises(ModelLoadError, match="dtype"):
         load_base(str(tmp_path), dtype="int3")
+
+
+def test_shipped_checkpoint_loads_and_beats_undistilled(embedded):
+    """The committed distilled layers fit the embedded model and are far better than fresh ones."""
+    from dsla_serve.eval.perplexity import perplexity
+    from dsla_serve.model.pretrained import calibration_text, load_hybrid, shipped_checkpoint
+
+    path = shipped_checkpoint(None)
+    assert path is not None, "dsla_serve/checkpoints/smollm2-135m-instruct is missing"
+    manifest = json.loads((path / "manifest.json").read_text())
+    hybrid, tok, info = load_hybrid()
+    assert info.distilled == list(range(30)) and info.undistilled == []
+    assert info.order == manifest["order"] and len(manifest["chain"]) == 30
+    assert "dsla-serve distill" in manifest["command"]
+    ids = tok(calibration_text(), return_tensors="pt").input_ids[:, :400]
+    plan = info.layers_for(0.25)
+    teacher = perplexity(hybrid, ids, [])
+    distilled = perplexity(hybrid, ids, plan)
+    fresh_model, _, _ = load_hybrid(weights=None)
+    fresh = perplexity(fresh_model, ids, plan)
+    assert distilled < 1.3 * teacher < fresh
