@@ -31,8 +31,9 @@ def test_fresh_gates_start_one_slow_one_fast_state(tiny):
     assert life_far.min() > 200 and life_far.max() < 9000
     assert life_close.min() > 0.9 and life_close.max() < 40
     assert (g_close >= GATE_MIN).all()
-    # weights start at zero: gates do not depend on the input yet
+    # weights start at zero: gates do not depend on the input yet, and the output gate is 2·sigmoid(0) = 1
     assert torch.equal(g_far, layer.gates(torch.randn_like(kv), kv)[0])
+    assert not layer.out_gate.weight.any() and not layer.out_gate_bias.any()
 
 
 def test_reuses_attention_weights_and_adds_only_gates(tiny):
@@ -40,14 +41,15 @@ def test_reuses_attention_weights_and_adds_only_gates(tiny):
     layer = convert(tiny, [1])[1]
     assert layer.q_proj is attn.q_proj and layer.o_proj is attn.o_proj
     assert set(layer.dsla_parameters()) == {
-        "gate_far.weight", "gate_far.bias", "gate_close.weight", "gate_close.bias", "alpha", "gain"
+        "gate_far.weight", "gate_far.bias", "gate_close.weight", "gate_close.bias", "alpha", "gain",
+        "out_gate.weight", "out_gate_bias",
     }  # fmt: skip
     assert layer.replaced is attn
 
 
 @pytest.mark.parametrize("rope", [False, True])
 def test_layer_matches_kernel_reference(tiny, rope):
-    """The layer's output is o_proj(gain * naive_dsla(q, k, v, gates)), q/k rotated if ``rope``."""
+    """The layer's output is o_proj(gain * 2σ(W q + b) * naive_dsla(q, k, v, gates)), q/k rotated if ``rope``."""
     layer = convert(tiny, [2], config=DSLAConfig(rope=rope))[2]
     randomize_gates([layer])
     x = torch.randn(2, 11, 64)
@@ -56,10 +58,11 @@ def test_layer_matches_kernel_reference(tiny, rope):
     out, _ = layer(x, position_embeddings=(cos, sin))
     q, k, v = layer.project(x)
     g_far, g_close = layer.gates(k, v)
+    out_gate = 2 * torch.sigmoid(layer.out_gate(q) + layer.out_gate_bias[:, None])  # from the un-rotated query
     if rope:
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
     o, _ = naive_dsla(q.double(), k.double(), v.double(), g_far.double(), g_close.double(), layer.alpha.double())
-    ref = layer.o_proj((o.float() * layer.gain[:, None]).transpose(1, 2).reshape(2, 11, -1))
+    ref = layer.o_proj((o.float() * layer.gain[:, None] * out_gate).transpose(1, 2).reshape(2, 11, -1))
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
 
 
@@ -74,7 +77,8 @@ def test_gla_variant_is_single_state(tiny):
     o_layer, _ = layer.attend(q, k, v, cos, sin)
     # one state, weight 1 on it: equals the dual kernel run with both gates equal and w = (1, 0)
     o_ref, _ = naive_dsla(q, k, v, g_far, g_far, torch.tensor([30.0, -30.0]))  # default config: no RoPE
-    torch.testing.assert_close(o_layer, (o_ref * layer.gain[:, None]).transpose(1, 2).reshape(1, 9, -1))
+    out_gate = 2 * torch.sigmoid(layer.out_gate(q) + layer.out_gate_bias[:, None])
+    torch.testing.assert_close(o_layer, (o_ref * layer.gain[:, None] * out_gate).transpose(1, 2).reshape(1, 9, -1))
 
 
 def test_drop_in_inside_hugging_face_forward(tiny):
