@@ -1,7 +1,11 @@
 """The ``dsla-serve`` command line: one typer app with a sub-command per job.
 
 dsla-serve generate --prompt "Hello" --conversion 0.5
+dsla-serve order --metric entropy && dsla-serve distill --out runs/dsla
+dsla-serve eval ppl --conversion 0,0.25,0.5 --json
 dsla-serve bench kernel --seq-len 8192 --json
+dsla-serve serve --policy adaptive --port 8000
+dsla-serve bench all --out runs/bench && dsla-serve replay --synthetic 20 --compare off,adaptive
 """
 
 from __future__ import annotations
@@ -123,10 +127,34 @@ def bench_kernel(
     naive = f"{r['naive_dsla_s']:.3f} s" if r["naive_dsla_s"] is not None else "skipped"
     print(
         f"T={seq_len} H={heads} D={head_dim}: chunk DSLA {r['chunk_dsla_s'] * 1000:.1f} ms | SDPA causal "
-        f"{r['sdpa_causal_s'] * 1000:.1f} ms | naive {naive} | decode step {r['step_dsla_ms']:.3f} ms | "
+        f"{r['sdpa_causal_s'] * 1000:.1f} ms | naive {naive} | decode step: DSLA {r['step_dsla_ms']:.3f} ms, "
+        f"attention over {seq_len} keys {r['sdpa_decode_ms']:.3f} ms | "
         f"DSLA speed-up vs SDPA {r['speedup_vs_sdpa']:.2f}x"
     )
 
+
+from dsla_serve.distill.cli import data_app, distill, order  # noqa: E402  (typer commands; heavy imports inside)
+from dsla_serve.eval.cli import eval_app  # noqa: E402
+from dsla_serve.serving.cli import control, serve  # noqa: E402
+from dsla_serve.serving.loadtest import bench_serving  # noqa: E402
+
+app.command()(order)
+app.command()(distill)
+app.add_typer(data_app, name="data")
+app.add_typer(eval_app, name="eval")
+
+app.command()(serve)
+app.command()(control)
+bench_app.command("serving")(bench_serving)
+
+# ---- benchmarks (engine speed and memory) and trace replay: dsla_serve/bench/cli.py
+from dsla_serve.bench.cli import bench_all, bench_decode, bench_memory, bench_prefill, replay  # noqa: E402
+
+bench_app.command("prefill")(bench_prefill)
+bench_app.command("decode")(bench_decode)
+bench_app.command("memory")(bench_memory)
+bench_app.command("all")(bench_all)
+app.command()(replay)
 
 if __name__ == "__main__":
     sys.exit(app())

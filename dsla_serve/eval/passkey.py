@@ -61,18 +61,22 @@ def passkey_accuracy(
     hybrid: HybridModel, tokenizer, contexts: list[int], plans: dict[str, list[int]], trials: int,
     fillers: tuple[str, ...] = ("repetitive", "real"), seed: int = 0, progress=None,
 ) -> list[dict]:  # fmt: skip
-    """Exact-match accuracy per (filler, context, plan); every plan sees the same probes."""
+    """Exact-match accuracy per (filler, context, plan); every plan sees the same probes.
+
+    A context at the model's limit is probed with a prompt 8 tokens shorter, leaving room for the answer.
+    """
     sources = {"repetitive": REPETITIVE * 8, "real": real_filler_text()}
     rows = []
     limit = hybrid.config.max_position_embeddings
     for filler in fillers:
         filler_ids = tokenizer(sources[filler], add_special_tokens=False).input_ids
         for context in contexts:
-            if context + 8 > limit:
-                raise ValueError(f"context {context} leaves no room to answer within the model's {limit} tokens")
+            if context > limit:
+                raise ValueError(f"context {context} exceeds the model's {limit} tokens")
+            prompt_len = min(context, limit - 8)
             rng = random.Random(f"{seed}-{filler}-{context}")
             probes = [
-                build_probe(tokenizer, filler_ids, context, f"{rng.randrange(10000, 100000)}", rng.random(),
+                build_probe(tokenizer, filler_ids, prompt_len, f"{rng.randrange(10000, 100000)}", rng.random(),
                             rng.randrange(0, 5000) if filler == "real" else 0)
                 for _ in range(trials)
             ]  # fmt: skip
@@ -84,7 +88,7 @@ def passkey_accuracy(
                     if progress:
                         progress(filler, context, name)
                 rows.append({
-                    "filler": filler, "context": context, "level": name, "dsla_layers": plan,
+                    "filler": filler, "context": context, "prompt_tokens": prompt_len, "level": name, "dsla_layers": plan,
                     "correct": sum(outcomes), "trials": trials, "accuracy": sum(outcomes) / trials,
                     "depths": [round(p.depth, 3) for p in probes], "hits": outcomes,
                 })  # fmt: skip

@@ -1,0 +1,166 @@
+"""``dsla-serve bench prefill|decode|memory|all`` and ``dsla-serve replay``, registered by dsla_serve/cli.py.
+
+dsla-serve bench all --out runs/bench
+dsla-serve replay --trace ../shared/traces/AzureLLMInferenceTrace_conv.csv --limit 40 --time-scale 4 \
+    --compare off,static:0.25,adaptive --out runs/replay
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+err = Console(stderr=True)
+
+
+def _fail(message: str) -> None:
+    err.print(f"[red]error:[/red] {message}")
+    raise typer.Exit(2)
+
+
+def _numbers(text: str, kind: type, option: str) -> list:
+    try:
+        return [kind(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        _fail(f"{option} expects comma-separated numbers, got {text!r}")
+
+
+def suite_command(names: list[str], doc: str):
+    """One typer command per suite set; they share every option (``all`` runs the three suites)."""
+
+    def command(
+        contexts: str = typer.Option("512,1024,2048,4096,8192", help="Prompt lengths in tokens."),
+        batches: str = typer.Option("1,2,4,8", help="Batch sizes."),
+        levels: str = typer.Option("0,0.25,0.5,0.75,1", help="Conversion levels of our engine (must include 0)."),
+        repeats: int = typer.Option(3, min=1, help="Timed runs per point (decode: one run, median over steps)."),
+        warmup: int = typer.Option(1, min=0, help="Untimed runs before each prefill point."),
+        decode_tokens: int = typer.Option(32, min=2, help="Tokens generated per decode point."),
+        grid: str = typer.Option("cross", help="cross: contexts at batch 1 + batches at --batch-context; full."),
+        batch_context: int = typer.Option(1024, min=2, help="Context of the batch sweep in the cross grid."),
+        baselines: str = typer.Option("hf-generate,llama.cpp", help="Outside baselines, or 'none'."),
+        model: str = typer.Option(None, help="Base model (default: embedded SmolLM2-135M-Instruct)."),
+        weights: str = typer.Option("auto", help="DSLA checkpoint dir, 'auto' or 'none'."),
+        dtype: str = typer.Option("float32", help="Engine dtype; Hugging Face runs the same where it can."),
+        threads: int = typer.Option(None, help="Torch threads (default: all cores)."),
+        out: Path = typer.Option(None, help="Write bench.json, BENCHMARKS.md and plots into this directory."),
+        as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
+    ) -> None:
+        from dsla_serve.bench import report
+        from dsla_serve.bench.engine import BenchSettings, run_suites
+        from dsla_serve.model import CheckpointError, ModelLoadError
+        from dsla_serve.model.pretrained import set_threads
+
+        set_threads(threads)
+        try:
+            settings = BenchSettings(
+                contexts=_numbers(contexts, int, "--contexts"), batches=_numbers(batches, int, "--batches"),
+                levels=_numbers(levels, float, "--levels"), repeats=repeats, warmup=warmup,
+                decode_tokens=decode_tokens, grid=grid, batch_context=batch_context, dtype=dtype, model=model,
+                weights=None if weights == "none" else weights,
+                baselines=[] if baselines == "none" else [b.strip() for b in baselines.split(",") if b.strip()],
+            )  # fmt: skip
+            result = run_suites(names, settings)
+        except (ModelLoadError, CheckpointError, ValueError) as e:
+            _fail(str(e))
+        if out is not None:
+            err.print(f"wrote {report.write_bench(result, out)}")
+        if as_json:
+            print(json.dumps(result))
+        elif out is None:
+            print(report.bench_markdown(result, []))
+
+    command.__doc__ = doc
+    return command
+
+
+bench_prefill = suite_command(["prefill"], "Prefill time (prompt to first token) by context, batch and level.")
+bench_decode = suite_command(["decode"], "Per-token decode latency by context, batch and level.")
+bench_memory = suite_command(["memory"], "Cache bytes per sequence after prefill, by context and level.")
+bench_all = suite_command(["prefill", "decode", "memory"], "Prefill, decode and memory; --out writes BENCHMARKS.md.")
+
+
+def replay(
+    trace: Path = typer.Option(None, help="Azure LLM inference trace CSV (TIMESTAMP,ContextTokens,GeneratedTokens)."),
+    synthetic: int = typer.Option(None, min=1, help="Instead of --trace: this many synthetic requests."),
+    rate: float = typer.Option(1.0, help="Synthetic: mean arrivals per second."),
+    arrival: str = typer.Option("poisson", help="Synthetic: poisson or bursty."),
+    burstiness: float = typer.Option(4.0, help="Synthetic bursty: squared coefficient of variation of the gaps."),
+    mix: str = typer.Option("paper", help="Synthetic prompt-length buckets 'LO-HI:WEIGHT,...' or 'paper'."),
+    output_mean: float = typer.Option(211.0, help="Synthetic: mean generated tokens."),
+    seed: int = typer.Option(0, help="Seed of the synthetic trace and of the prompt offsets."),
+    save_trace: Path = typer.Option(None, help="Write the replayed trace (after windowing and caps) as CSV."),
+    start: int = typer.Option(0, min=0, help="First request of the window."),
+    limit: int = typer.Option(None, min=1, help="Requests in the window (default: all)."),
+    time_scale: float = typer.Option(1.0, help="Multiply arrival times: > 1 stretches (less load), < 1 compresses."),
+    context: int = typer.Option(None, help="Cap prompt + output to this (default: the model's context)."),
+    max_prompt: int = typer.Option(None, min=1, help="Cap prompt tokens."),
+    max_output: int = typer.Option(None, min=1, help="Cap generated tokens."),
+    prompt_text: Path = typer.Option(None, help="Text file or directory to cut prompts from (default: shipped)."),
+    url: str = typer.Option(None, help="Replay against this running server instead of starting one per policy."),
+    compare: str = typer.Option(None, help="Policies in turn, e.g. off,static:0.25,adaptive (first = baseline)."),
+    model: str = typer.Option(None, help="Base model for the servers started and for the tokenizer."),
+    serve_arg: list[str] = typer.Option(None, help="Extra option for `dsla-serve serve` (repeat), e.g. --cooldown=5."),
+    endpoint: str = typer.Option("completions", help="completions (exact prompt lengths) or chat."),
+    concurrency: int = typer.Option(16, min=1, help="Most requests in flight; later arrivals wait client-side."),
+    timeout: float = typer.Option(
+        600.0, min=1, help="Per-request limit; the replay ends this long after the last arrival."
+    ),
+    slo_ttft: float = typer.Option(2.0, help="SLO: time to first token, seconds."),
+    slo_tpot: float = typer.Option(0.2, help="SLO: time per output token, seconds."),
+    quality: Path = typer.Option(None, help="JSON of `dsla-serve eval ppl --json`, for the quality cost."),
+    out: Path = typer.Option(Path("runs/replay"), help="Directory for replay.json, REPLAY.md, plots, server logs."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summaries as JSON."),
+) -> None:
+    """Replay a trace against the server over HTTP (streaming) and report latency, throughput and SLOs."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from dsla_serve.bench import report
+    from dsla_serve.bench import trace as tr
+    from dsla_serve.bench.prompts import PromptBuilder, load_text
+    from dsla_serve.bench.replay import Policy, ReplayError, read_quality
+    from dsla_serve.bench.replay import compare as run_compare
+    from dsla_serve.model import ModelLoadError
+    from dsla_serve.model.loader import resolve
+    from dsla_serve.runtime import machine_info
+
+    if (trace is None) == (synthetic is None):
+        _fail("give either --trace FILE or --synthetic N")
+    if endpoint not in ("completions", "chat"):
+        _fail(f"--endpoint must be completions or chat, got {endpoint!r}")
+    try:
+        policies = [Policy.parse(p) for p in compare.split(",")] if compare else [None]
+        ppl = read_quality(quality) if quality else None
+        path, _ = resolve(model)
+        tok = AutoTokenizer.from_pretrained(path)
+        limit_ctx = context or AutoConfig.from_pretrained(path).max_position_embeddings
+        t = (
+            tr.read_azure(trace)
+            if trace
+            else tr.synthetic(synthetic, rate, arrival, mix, output_mean, seed, burstiness)
+        )
+        t = tr.cap_lengths(tr.scale_time(tr.window(t, start, limit), time_scale), limit_ctx, max_prompt, max_output)
+        builder = PromptBuilder(tok, load_text(prompt_text), seed)
+    except (tr.TraceError, ReplayError, ModelLoadError, ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+    if save_trace:
+        tr.write_azure(t, save_trace)
+    built = [builder.build(r.prompt_tokens, i) for i, r in enumerate(t.requests)]
+    err.print(f"replaying {len(t)} requests over {t.duration_s:.1f} s under {compare or 'the server as it is'}")
+    try:
+        result = run_compare(
+            policies, t, [p for p, _ in built], [n for _, n in built], ppl=ppl, url=url.rstrip("/") if url else None,
+            serve_args=([] if model is None else ["--model", model]) + list(serve_arg or []), log_dir=out,
+            slo_ttft_s=slo_ttft, slo_tpot_s=slo_tpot, endpoint=endpoint, concurrency=concurrency, timeout_s=timeout,
+        )  # fmt: skip
+    except ReplayError as e:
+        _fail(str(e))
+    result |= {"trace": t.describe(), "machine": machine_info()}
+    result["settings"] = {"endpoint": endpoint, "concurrency": concurrency, "timeout_s": timeout, "url": url,
+                          "prompt_text": str(prompt_text or "shipped Python docs"), "slo_ttft_s": slo_ttft,
+                          "slo_tpot_s": slo_tpot, "serve_args": serve_arg or [], "quality": str(quality or "")}  # fmt: skip
+    err.print(f"wrote {report.write_replay(result, out)}")
+    if as_json:
+        print(json.dumps({r["policy"]: r["summary"] | {"level_shares": r["level_shares"]} for r in result["runs"]}))

@@ -1,0 +1,411 @@
+"""The serving engine: ``EngineCore.step()`` (synchronous, one scheduling round) and ``AsyncEngine``
+(a thread running steps, with submit / abort / control for the asyncio HTTP layer).
+
+One step: the controller reads the load and may move the level (folding running sequences' KV
+caches when it says so), the scheduler picks the work, the runner decodes every running sequence
+in one batched call and reads a chunk of each new prompt, and outputs go to each request's sink.
+Plan changes therefore happen only between steps: no forward ever sees a half-converted cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import math
+import statistics
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable
+
+import torch
+
+from dsla_serve.model import HybridModel
+from dsla_serve.model.pretrained import HybridInfo
+from dsla_serve.serving.controller import Controller, ControllerConfig, Decision, Signals
+from dsla_serve.serving.metrics import EngineMetrics
+from dsla_serve.serving.request import EngineError, Output, Request, RequestParams, Status, TokenLogprob
+from dsla_serve.serving.runner import ModelRunner
+from dsla_serve.serving.scheduler import Scheduler, SchedulerConfig
+
+log = logging.getLogger(__name__)
+
+
+def eos_ids(model: HybridModel, tokenizer) -> set[int]:
+    ids = {tokenizer.eos_token_id}
+    gen = getattr(model.base, "generation_config", None)
+    extra = getattr(gen, "eos_token_id", None)
+    ids |= set(extra) if isinstance(extra, list) else {extra}
+    return {i for i in ids if i is not None}
+
+
+class EngineCore:
+    """Scheduler + controller + runner over one model; every method runs on the engine's thread."""
+
+    def __init__(
+        self, model: HybridModel, tokenizer, info: HybridInfo,
+        scheduler: SchedulerConfig | None = None, controller: ControllerConfig | None = None,
+    ):  # fmt: skip
+        self.model, self.tokenizer, self.info = model, tokenizer, info
+        self.runner = ModelRunner(model, info.order)
+        self.controller = Controller(model.num_layers, controller)
+        self.scheduler = Scheduler(
+            scheduler or SchedulerConfig(), lambda r: self.controller.layers_for(r.prompt_len), self.runner.cache_bytes
+        )
+        self.metrics = EngineMetrics()
+        self.metrics.budget.set(self.scheduler.config.memory_budget)
+        self.metrics.level.set(self.controller.level)
+        self.eos = eos_ids(model, tokenizer)
+        self.context = model.config.max_position_embeddings
+        self.gaps: deque[float] = deque(maxlen=64)  # recent inter-token latencies (s)
+        self.latencies: deque[float] = deque(maxlen=32)  # recent request latencies (s), for Retry-After
+        self.conversions = 0  # layers folded in flight
+
+    # ---- admission checks (read-only: safe from the API thread)
+    def check(self, prompt_len: int, params: RequestParams) -> None:
+        """Raise EngineError (400) for a request that can never be served, with what to change."""
+        if prompt_len == 0:
+            raise EngineError(400, "the prompt is empty: send at least one token", "empty_prompt")
+        if prompt_len + params.max_tokens > self.context:
+            raise EngineError(
+                400,
+                f"the prompt has {prompt_len} tokens and max_tokens is {params.max_tokens}: together they exceed "
+                f"the model's context of {self.context} tokens; shorten the prompt or lower max_tokens",
+                "context_length_exceeded",
+            )
+        c = self.controller
+        most = {"adaptive": min(c.config.max_conversion, c.cap(prompt_len)), "off": 0.0}.get(c.policy, c.level)
+        need = self.runner.cache_bytes(c.layers_at(most), prompt_len + params.max_tokens)
+        budget = self.scheduler.config.memory_budget
+        if need > budget:
+            raise EngineError(
+                400,
+                f"this request needs {need / 2**20:.1f} MiB of cache but the server's memory budget is "
+                f"{budget / 2**20:.1f} MiB: shorten the prompt or lower max_tokens",
+                "request_too_large",
+            )
+
+    def retry_after(self) -> int:
+        """Seconds a rejected client should wait: recent request latency times the queue's rounds."""
+        per = statistics.median(self.latencies) if self.latencies else 5.0
+        rounds = 1 + len(self.scheduler.waiting) // self.scheduler.config.max_num_seqs
+        return int(min(max(math.ceil(per * rounds), 1), 60))
+
+    # ---- commands
+    def add(self, req: Request) -> None:
+        self.scheduler.add(req)
+
+    def abort(self, req: Request) -> None:
+        if req.status != Status.FINISHED:
+            self._release(req, "aborted")
+            log.info("request %s aborted (client gone) after %d tokens", req.id, len(req.output_ids))
+
+    def control(self, policy: str | None = None, level: float | None = None, convert_running: bool = False) -> Decision:
+        decision = self.controller.set(policy, level, convert_running)
+        self._apply(decision)
+        return decision
+
+    # ---- the step
+    def signals(self) -> Signals:
+        s = self.scheduler
+        tpot = statistics.median(list(self.gaps)[-16:]) if self.gaps else None
+        return Signals(len(s.waiting), s.waiting_tokens(), s.memory_pressure(), tpot)
+
+    def step(self) -> bool:
+        """One scheduling round; returns whether any work was done."""
+        with torch.inference_mode():
+            now = time.monotonic()
+            decision = self.controller.update(self.signals(), now)
+            if decision is not None:
+                self._apply(decision)
+            out = self.scheduler.schedule(now)
+            for req in out.expired:
+                self._fail(req, EngineError(
+                    503, f"the request waited {now - req.arrival:.0f} s without being admitted (server overloaded)",
+                    "queue_timeout", self.retry_after(),
+                ), "timeout")  # fmt: skip
+            for req in out.admitted:
+                self._guard([req], lambda r=req: self.runner.allocate(r))
+                if req.status == Status.RUNNING:
+                    req.sink(Output(req.index, admitted=True))
+            generated = 0
+            if out.decode:
+                logits = self._guard(out.decode, lambda: self.runner.decode(out.decode))
+                if logits is not None:
+                    for req, row in zip(out.decode, logits, strict=True):
+                        generated += self._emit_token(req, row)
+            prompt = 0
+            for req, n in out.prefill:
+                if req.status != Status.RUNNING:
+                    continue
+                result = self._guard([req], lambda r=req, n=n: self.runner.prefill(r, n))
+                if result is None:
+                    continue
+                prompt += n
+                logits, entries = result
+                if entries is not None:
+                    req.prompt_lp = (req.prompt_lp or []) + entries
+                if req.prefilled:
+                    if req.params.max_tokens == 0:
+                        self._finish(req, "length", Output(req.index, prompt_logprobs=req.prompt_lp))
+                    else:
+                        generated += self._emit_token(req, logits, req.prompt_lp)
+            self._update_gauges(prompt, generated, now)
+            return bool(out.admitted or out.decode or out.prefill or out.expired)
+
+    def _emit_token(self, req: Request, logits: torch.Tensor, prompt_lp: list[TokenLogprob] | None = None) -> int:
+        token, lp = self.runner.sample(req, logits)
+        now = time.monotonic()
+        if req.first_token_time is None:
+            req.first_token_time = now
+            self.metrics.ttft.observe(now - req.arrival)
+        else:
+            self.gaps.append(now - req.last_token_time)
+            self.metrics.tpot.observe(now - req.last_token_time)
+        req.last_token_time = now
+        out = Output(req.index, prompt_logprobs=prompt_lp)
+        if token in self.eos and not req.params.ignore_eos:
+            req.output_ids.append(token)  # fed to nothing: the sequence ends here
+            self._finish(req, "stop", out)
+            return 1
+        out.text, stopped = req.add_token(token, self.tokenizer)
+        out.token_ids, out.logprobs = [token], [lp] if lp is not None else []
+        if stopped or len(req.output_ids) >= req.params.max_tokens:
+            self._finish(req, "stop" if stopped else "length", out)
+        else:
+            req.sink(out)
+        return 1
+
+    def _finish(self, req: Request, reason: str, out: Output) -> None:
+        out.text += req.flush()
+        out.finish_reason = reason
+        out.prompt_tokens, out.completion_tokens = req.prompt_len, len(req.output_ids)
+        self.latencies.append(time.monotonic() - req.arrival)
+        self.metrics.e2e.observe(time.monotonic() - req.arrival)
+        self._release(req, "finished")
+        req.sink(out)
+
+    def _fail(self, req: Request, error: EngineError, outcome: str) -> None:
+        self._release(req, outcome)
+        req.sink(Output(req.index, error=error))
+
+    def _release(self, req: Request, outcome: str) -> None:
+        self.scheduler.remove(req)
+        req.cache, req.reserved = None, 0
+        self.metrics.requests.labels(outcome).inc()
+
+    def _guard(self, reqs: list[Request], fn: Callable):
+        """Run fn; if it raises, fail these requests (500) and keep serving the others."""
+        try:
+            return fn()
+        except Exception as e:  # the server never dies on a request
+            log.exception("engine error on requests %s", [r.id for r in reqs])
+            for r in reqs:
+                self._fail(
+                    r, EngineError(500, f"internal engine error: {type(e).__name__}: {e}", "engine_error"), "failed"
+                )
+            return None
+
+    def _apply(self, d: Decision) -> None:
+        """Make a controller decision effective now (between steps)."""
+        direction = "set" if d.trigger == "manual" else ("up" if d.to_level > d.from_level else "down")
+        self.metrics.decisions.labels(direction, d.trigger).inc()
+        self.metrics.level.set(d.to_level)
+        if not d.convert_running:
+            return
+        for req in list(self.scheduler.running):
+            target = self.controller.layers_for(req.prompt_len)
+            if target > req.dsla_count:
+                folded = self._guard([req], lambda r=req, t=target: self.runner.fold(r, t))
+                if folded:
+                    self.conversions += len(folded)
+                    self.metrics.conversions.inc(len(folded))
+                    log.info("request %s: layers %s folded from KV cache to DSLA state", req.id, folded)
+
+    def _update_gauges(self, prompt: int, generated: int, now: float) -> None:
+        m, s = self.metrics, self.scheduler
+        m.count_tokens(prompt, generated, now)
+        m.queue_depth.set(len(s.waiting))
+        m.waiting_tokens.set(s.waiting_tokens())
+        m.running.set(len(s.running))
+        m.pressure.set(s.memory_pressure())
+        caches = [r.cache for r in s.running if r.cache is not None]
+        m.kv_bytes.set(sum(c.kv_bytes() for c in caches))
+        m.state_bytes.set(sum(c.state_bytes() for c in caches))
+
+    # ---- introspection (GET /v1/dsla): reads ints only, safe from the API thread
+    def snapshot(self) -> dict:
+        running = list(self.scheduler.running)
+        level_count = self.controller.layers_at(self.controller.level)
+        new_plan = set(self.info.order[:level_count])
+        layers = []
+        for i in range(self.model.num_layers):
+            rank = self.info.order.index(i)
+            dsla = sum(1 for r in running if rank < r.dsla_count)
+            layers.append({
+                "layer": i, "rank": rank, "distilled": i in self.info.distilled,
+                "new_sequences": "dsla" if i in new_plan else "attention",
+                "running_dsla": dsla, "running_attention": len(running) - dsla,
+            })  # fmt: skip
+        seqs = [
+            {"id": r.id, "prompt_tokens": r.prompt_len, "generated_tokens": len(r.output_ids),
+             "prefilled": r.prefilled, "dsla_layers": r.dsla_count, "cache_bytes": r.reserved}
+            for r in running
+        ]  # fmt: skip
+        return {
+            "model": self.info.model,
+            "policy": self.controller.policy,
+            "level": self.controller.level,
+            "order": self.info.order,
+            "order_source": self.info.order_source,
+            "controller": self.controller.snapshot(),
+            "layers": layers,
+            "sequences": seqs,
+            "queue_depth": len(self.scheduler.waiting),
+            "memory": {
+                "budget_bytes": self.scheduler.config.memory_budget,
+                "used_bytes": sum(r.reserved for r in running),
+                "pressure": self.scheduler.memory_pressure(),
+            },
+            "conversions": self.conversions,
+        }
+
+
+class Job:
+    """The engine requests of one HTTP call (one per prompt); outputs arrive on an asyncio queue."""
+
+    def __init__(self, engine: AsyncEngine, prompts: list[list[int]], params: RequestParams):
+        self.id = uuid.uuid4().hex[:24]
+        self.engine = engine
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue[Output] = asyncio.Queue()
+        self.requests = [Request(f"{self.id}-{i}", p, params, self._put, i) for i, p in enumerate(prompts)]
+        self.open = set(range(len(prompts)))  # choices not finished yet
+
+    def _put(self, out: Output) -> None:  # called on the engine thread
+        with contextlib.suppress(RuntimeError):  # RuntimeError: the event loop is gone, nobody is listening
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, out)
+
+    async def next(self) -> Output:
+        out = await self.queue.get()
+        if out.finish_reason is not None or out.error is not None:
+            self.open.discard(out.index)
+        return out
+
+    @property
+    def done(self) -> bool:
+        return not self.open
+
+    def abort(self) -> None:
+        if self.open:
+            self.engine.post(lambda: [self.engine.core.abort(r) for r in self.requests])
+            self.open.clear()
+
+
+class AsyncEngine:
+    """Runs ``EngineCore.step`` on a dedicated thread; the asyncio side submits, aborts and controls."""
+
+    IDLE_TICK_S = 0.5  # an idle engine still wakes this often: the controller steps down when load falls
+
+    def __init__(self, core: EngineCore):
+        self.core = core
+        self._inbox: deque[Callable[[], object]] = deque()
+        self._wake = threading.Event()
+        self._stop = False
+        self.accepting = True
+        self._thread = threading.Thread(target=self._run, name="dsla-engine", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def post(self, fn: Callable[[], object]) -> None:
+        self._inbox.append(fn)
+        self._wake.set()
+
+    def queued(self) -> int:
+        return len(self.core.scheduler.waiting) + sum(1 for f in self._inbox if isinstance(f, _Admit))
+
+    def submit(self, prompts: list[list[int]], params: RequestParams) -> Job:
+        """Queue one request per prompt; raises EngineError for invalid input (400), overload (429), shutdown (503)."""
+        if not self.accepting or not self.alive:
+            raise EngineError(503, "the server is shutting down", "unavailable", retry_after=5)
+        for p in prompts:
+            self.core.check(len(p), params)
+        limit = self.core.scheduler.config.max_waiting
+        if self.queued() + len(prompts) > limit:
+            raise EngineError(
+                429, f"the server's queue is full ({limit} requests waiting); retry later", "overloaded",
+                retry_after=self.core.retry_after(),
+            )  # fmt: skip
+        job = Job(self, prompts, params)
+        self.post(_Admit(self.core, job.requests))
+        return job
+
+    async def control(self, **kwargs) -> Decision:
+        """Apply a manual override at the next step boundary and return the decision."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+
+        def run() -> None:
+            try:
+                fut.set_result(self.core.control(**kwargs))
+            except Exception as e:
+                fut.set_exception(e)
+
+        self.post(run)
+        return await asyncio.wrap_future(fut)
+
+    def _run(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            self._wake.clear()
+            while self._inbox:
+                fn = self._inbox.popleft()
+                try:
+                    fn()
+                except Exception:
+                    log.exception("engine command failed")
+            if self._stop and not self.core.scheduler.running and not self.core.scheduler.waiting:
+                return
+            try:
+                busy = self.core.step()
+            except Exception as e:  # a bug outside the per-request guards: fail the running requests, keep serving
+                log.exception("engine step failed")
+                error = EngineError(500, f"internal engine error: {type(e).__name__}: {e}", "engine_error")
+                for req in list(self.core.scheduler.running):
+                    self.core._fail(req, error, "failed")
+                busy = False
+            if not busy:
+                self._wake.wait(self.IDLE_TICK_S)
+
+    async def shutdown(self, timeout_s: float = 300.0) -> None:
+        """Stop accepting, let running and queued requests finish (up to timeout_s), stop the thread."""
+        self.accepting = False
+        deadline = time.monotonic() + timeout_s
+        s = self.core.scheduler
+        while (s.running or s.waiting or self._inbox) and time.monotonic() < deadline and self.alive:
+            await asyncio.sleep(0.05)
+        if s.running or s.waiting:
+            log.warning("shutdown: %d requests still unfinished after %.0f s, aborting them",
+                        len(s.running) + len(s.waiting), timeout_s)  # fmt: skip
+            self.post(lambda: [self.core.abort(r) for r in [*s.running, *s.waiting]])
+        self._stop = True
+        self._wake.set()
+        await asyncio.to_thread(self._thread.join, 30)
+
+
+class _Admit:
+    """Inbox command that queues requests (counted by ``AsyncEngine.queued`` before it runs)."""
+
+    def __init__(self, core: EngineCore, requests: list[Request]):
+        self.core, self.requests = core, requests
+
+    def __call__(self) -> None:
+        for r in self.requests:
+            self.core.add(r)

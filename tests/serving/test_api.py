@@ -1,0 +1,232 @@
+"""The HTTP server, driven by the official openai client (and httpx for malformed input) on loopback."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import torch
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.serving.conftest import CONTEXT, MODEL, start_server, tiny_hybrid
+
+
+@pytest.fixture(scope="module")
+def server(tokenizer):
+    with start_server(tokenizer, ctrl={"policy": "static", "conversion": 0.0}) as srv:
+        yield srv
+
+
+@pytest.fixture
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def test_completion_usage_and_streaming_agree(client):
+    full = client.completions.create(model=MODEL, prompt="The harbour at night", max_tokens=8, temperature=0)
+    assert full.usage.completion_tokens == 8 and full.usage.prompt_tokens > 0
+    assert full.choices[0].finish_reason == "length" and full.choices[0].text
+    chunks = list(client.completions.create(model=MODEL, prompt="The harbour at night", max_tokens=8,
+                                            temperature=0, stream=True, stream_options={"include_usage": True}))  # fmt: skip
+    streamed = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert streamed == full.choices[0].text
+    assert chunks[-1].usage.completion_tokens == 8
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+
+
+def test_chat_streaming_and_not(client):
+    messages = [{"role": "user", "content": "Say something about boats."}]
+    full = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, temperature=0)
+    assert full.choices[0].message.role == "assistant" and full.usage.completion_tokens <= 6
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, temperature=0,
+                                                 stream=True))  # fmt: skip
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == full.choices[0].message.content
+
+
+def test_seed_reproduces_a_sampled_completion(client):
+    a, b = (client.completions.create(model=MODEL, prompt="Once", max_tokens=10, temperature=1.0, seed=7)
+            for _ in range(2))  # fmt: skip
+    assert a.choices[0].text == b.choices[0].text
+
+
+def test_stop_string_cuts_the_output(client):
+    free = client.completions.create(model=MODEL, prompt="Weather report:", max_tokens=12, temperature=0)
+    text = free.choices[0].text
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    cut = client.completions.create(model=MODEL, prompt="Weather report:", max_tokens=12, temperature=0, stop=[stop])
+    assert cut.choices[0].finish_reason == "stop"
+    assert cut.choices[0].text == text[: text.index(stop)]
+
+
+def test_echo_logprobs_equal_the_model_s_own(client, tokenizer):
+    """lm-eval's local-completions scoring: echo=True, max_tokens=0, logprobs=1 over token ids."""
+    ids = tokenizer("The keeper lit the lamp before the storm", add_special_tokens=False).input_ids
+    r = client.completions.create(model=MODEL, prompt=ids, max_tokens=0, echo=True, logprobs=1)
+    lp = r.choices[0].logprobs
+    assert lp.token_logprobs[0] is None and len(lp.token_logprobs) == len(ids) == len(lp.tokens)
+    hybrid, _ = tiny_hybrid(tokenizer)
+    with torch.no_grad():
+        logits, _ = hybrid(torch.tensor([ids]), dsla_layers=[])
+    want = torch.log_softmax(logits[0, :-1].double(), -1).gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
+    assert torch.allclose(torch.tensor(lp.token_logprobs[1:], dtype=torch.float64), want, atol=1e-3)
+    assert lp.text_offset[0] == 0 and r.choices[0].text == tokenizer.decode(ids)
+
+
+BAD = [
+    ("/v1/completions", b"{not json", 400, "invalid_json"),
+    ("/v1/completions", b"[1, 2]", 400, "invalid_json"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": "many"}, 400, "invalid_value"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": -1}, 400, "invalid_value"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 10**9}, 400, "context_length_exceeded"),
+    ("/v1/completions", {"model": MODEL, "prompt": "word " * (CONTEXT + 10)}, 400, "context_length_exceeded"),
+    ("/v1/completions", {"model": MODEL, "prompt": ""}, 400, "empty_prompt"),
+    ("/v1/completions", {"model": MODEL, "prompt": [10**9]}, 400, "invalid_value"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "temperature": 5}, 400, "invalid_value"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "n": 2}, 400, "unsupported_parameter"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "invalid_value"),
+    ("/v1/completions", {"model": "gpt-5", "prompt": "x"}, 404, "model_not_found"),
+    ("/v1/completions", {"prompt": "x"}, 400, "invalid_value"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": []}, 400, "invalid_value"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "robot", "content": "x"}]}, 400, "invalid_value"),
+    ("/v1/dsla", {"level": 3}, 400, "invalid_value"),
+    ("/v1/dsla", {"policy": "sometimes"}, 400, "invalid_value"),
+    ("/v1/nothing", {}, 404, "not_found"),
+]
+
+
+@pytest.mark.parametrize(("path", "body", "status", "code"), BAD, ids=[f"{p}:{c}:{i}" for i, (p, _, _, c) in
+                                                                        enumerate(BAD)])  # fmt: skip
+def test_bad_input_gets_an_openai_error_and_disturbs_nothing(server, client, path, body, status, code):
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    r = httpx.post(server.url + path, content=raw, headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["code"] == code and err["message"] and "type" in err
+    ok = client.completions.create(model=MODEL, prompt="still fine", max_tokens=2)
+    assert ok.usage.completion_tokens == 2
+    assert httpx.get(server.url + "/health").json()["status"] == "ok"
+
+
+def test_models_health_and_metrics_parse(server, client):
+    models = client.models.list()
+    assert [m.id for m in models.data] == [MODEL]
+    assert httpx.get(server.url + "/v1/models").json()["data"][0]["dsla"]["undistilled_layers"] == [0, 1, 2, 3]
+    client.completions.create(model=MODEL, prompt="count me", max_tokens=3)
+    text = httpx.get(server.url + "/metrics").text
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    for name in ("dsla_queue_depth", "dsla_running_sequences", "dsla_conversion_level", "dsla_kv_cache_bytes",
+                 "dsla_state_bytes", "dsla_time_to_first_token_seconds", "dsla_time_per_output_token_seconds",
+                 "dsla_layer_conversions", "dsla_generation_tokens_per_second"):  # fmt: skip
+        assert name in families, sorted(families)
+    ttft = {s.name: s.value for s in families["dsla_time_to_first_token_seconds"].samples}
+    assert ttft["dsla_time_to_first_token_seconds_count"] >= 1
+
+
+def test_dsla_state_and_manual_override(server):
+    state = httpx.get(server.url + "/v1/dsla").json()
+    assert state["order"] == [3, 2, 1, 0] and len(state["layers"]) == 4
+    r = httpx.post(server.url + "/v1/dsla", json={"level": 0.5}).json()
+    assert r["level"] == 0.5 and r["decision"]["trigger"] == "manual"
+    modes = {x["layer"]: x["new_sequences"] for x in r["layers"]}
+    assert modes == {0: "attention", 1: "attention", 2: "dsla", 3: "dsla"}
+    r = httpx.post(server.url + "/v1/dsla", json={"level": 0.0}).json()
+    assert r["level"] == 0.0 and r["controller"]["decisions"][0]["reason"].startswith("manual")
+
+
+def test_conversion_while_requests_run_loses_nothing(tokenizer):
+    """Eight concurrent streams with different plans; layers fold into DSLA state mid-generation."""
+    with start_server(tokenizer, ctrl={"policy": "static", "conversion": 0.0}) as srv:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        results: dict[int, tuple[str, int, str]] = {}
+        plans_seen: set[int] = set()
+
+        def worker(i: int) -> None:
+            stream = client.completions.create(model=MODEL, prompt=f"Story {i}: the sea", max_tokens=120,
+                                               stream=True, stream_options={"include_usage": True},
+                                               extra_body={"ignore_eos": True})  # fmt: skip
+            chunks = list(stream)
+            text = "".join(c.choices[0].text for c in chunks if c.choices)
+            finish = [c.choices[0].finish_reason for c in chunks if c.choices][-1]
+            results[i] = (text, chunks[-1].usage.completion_tokens, finish)
+
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        time.sleep(0.3)
+        httpx.post(srv.url + "/v1/dsla", json={"level": 0.5}, timeout=60)  # new sequences: 2 DSLA layers
+        threads += [threading.Thread(target=worker, args=(i,)) for i in range(4, 8)]
+        for t in threads[4:]:
+            t.start()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and len(plans_seen) < 2:
+            plans_seen |= {s["dsla_layers"] for s in httpx.get(srv.url + "/v1/dsla").json()["sequences"]}
+            time.sleep(0.02)
+        r = httpx.post(srv.url + "/v1/dsla", json={"level": 1.0, "convert_running": True}, timeout=60).json()
+        for t in threads:
+            t.join(120)
+        assert len(plans_seen) >= 2, plans_seen  # one batch held sequences with different plans
+        assert r["conversions"] > 0  # running sequences were folded in flight
+        assert sorted(results) == list(range(8))
+        assert all(n == 120 and finish == "length" and text for text, n, finish in results.values())
+        state = httpx.get(srv.url + "/v1/dsla").json()
+        assert state["sequences"] == [] and state["memory"]["used_bytes"] == 0
+
+
+def test_disconnect_cancels_the_sequence_and_frees_its_cache(tokenizer):
+    with start_server(tokenizer) as srv:
+        with httpx.stream("POST", srv.url + "/v1/completions", timeout=60, json={
+            "model": MODEL, "prompt": "An endless tale", "max_tokens": 900, "stream": True, "ignore_eos": True,
+        }) as r:  # fmt: skip
+            lines = r.iter_lines()
+            assert next(line for line in lines if line.startswith("data:"))
+            assert srv.engine.core.scheduler.running
+        deadline = time.monotonic() + 30
+        while srv.engine.core.scheduler.running and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not srv.engine.core.scheduler.running
+        assert srv.engine.core.scheduler.used == 0
+        aborted = httpx.get(srv.url + "/metrics").text
+        assert 'dsla_requests_total{outcome="aborted"} 1.0' in aborted
+
+
+def test_overload_answers_429_with_retry_after_never_hangs(tokenizer):
+    with start_server(tokenizer, sched={"max_num_seqs": 1, "max_waiting": 1}) as srv:
+        statuses: list[tuple[int, str | None]] = []
+
+        def fire() -> None:
+            r = httpx.post(srv.url + "/v1/completions", timeout=60, json={
+                "model": MODEL, "prompt": "busy", "max_tokens": 60, "ignore_eos": True})  # fmt: skip
+            statuses.append((r.status_code, r.headers.get("retry-after")))
+
+        threads = [threading.Thread(target=fire) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(90)
+        codes = sorted(s for s, _ in statuses)
+        assert len(codes) == 6 and codes[0] == 200 and 429 in codes, codes
+        assert all(int(ra) >= 1 for s, ra in statuses if s == 429)
+
+
+def test_shutdown_drains_running_requests(tokenizer):
+    srv = start_server(tokenizer)
+    srv.__enter__()
+    result = {}
+
+    def long_request() -> None:
+        r = httpx.post(srv.url + "/v1/completions", timeout=60, json={
+            "model": MODEL, "prompt": "drain me", "max_tokens": 80, "ignore_eos": True})  # fmt: skip
+        result["r"] = r
+
+    t = threading.Thread(target=long_request)
+    t.start()
+    while not srv.engine.core.scheduler.running:
+        time.sleep(0.01)
+    srv.__exit__(None, None, None)  # the same path as SIGTERM: stop accepting, finish what runs
+    t.join(60)
+    assert result["r"].status_code == 200 and result["r"].json()["usage"]["completion_tokens"] == 80
