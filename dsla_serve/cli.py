@@ -22,7 +22,7 @@ from dsla_serve.runtime import tune_allocator
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Dual-state linear attention serving.")
 bench_app = typer.Typer(no_args_is_help=True, help="Speed and memory benchmarks (JSON with --json).")
 app.add_typer(bench_app, name="bench")
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # no hard wraps: logs and pipes read whole lines
 
 
 def parse_layers(text: str | None) -> list[int] | None:

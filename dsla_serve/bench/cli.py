@@ -13,7 +13,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # no hard wraps: logs and pipes read whole lines
 
 
 def _fail(message: str) -> None:

@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # no hard wraps: logs and pipes read whole lines
 PYDOC = "pydoc"  # --data keyword: Debian's Python documentation sources, fetched on first use
 
 

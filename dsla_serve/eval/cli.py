@@ -12,7 +12,7 @@ from rich.console import Console
 from dsla_serve.distill.cli import PYDOC, resolve_data
 
 eval_app = typer.Typer(no_args_is_help=True, help="Quality of hybrid models (JSON with --json).")
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # no hard wraps: logs and pipes read whole lines
 
 
 def parse_floats(text: str, name: str) -> list[float]:

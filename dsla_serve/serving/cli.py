@@ -13,7 +13,7 @@ import logging
 import typer
 from rich.console import Console
 
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # no hard wraps: logs and pipes read whole lines
 log = logging.getLogger("dsla_serve.serve")
 
 
