@@ -14,6 +14,8 @@ import typer
 from rich.console import Console
 
 err = Console(stderr=True, soft_wrap=True)  # no hard wraps: logs and pipes read whole lines
+# Perplexity by level for the replay's quality cost, as `dsla-serve eval quality --out-dir docs/quality` writes it.
+DEFAULT_QUALITY = Path("docs/quality/quality.json")
 
 
 def _fail(message: str) -> None:
@@ -32,15 +34,18 @@ def suite_command(names: list[str], doc: str):
     """One typer command per suite set; they share every option (``all`` runs the three suites)."""
 
     def command(
-        contexts: str = typer.Option("512,1024,2048,4096,8192", help="Prompt lengths in tokens."),
-        batches: str = typer.Option("1,2,4,8", help="Batch sizes."),
+        contexts: str = typer.Option("512,2048,8192", help="Prompt lengths in tokens."),
+        batches: str = typer.Option("1,8", help="Batch sizes."),
         levels: str = typer.Option("0,0.25,0.5,0.75,1", help="Conversion levels of our engine (must include 0)."),
+        batch_levels: str = typer.Option("0,0.5", help="Levels measured at batch > 1 (must include 0)."),
         repeats: int = typer.Option(3, min=1, help="Timed runs per point (decode: one run, median over steps)."),
-        warmup: int = typer.Option(1, min=0, help="Untimed runs before each prefill point."),
-        decode_tokens: int = typer.Option(32, min=2, help="Tokens generated per decode point."),
+        warmup: int = typer.Option(0, min=0, help="Untimed runs before each prefill point (one global warm-up runs)."),
+        single_run_tokens: int = typer.Option(8192, min=1, help="Prefill points of context x batch >= this: 1 run."),
+        memory_measured_max: int = typer.Option(2048, min=0, help="Memory: real prefills up to this context."),
+        decode_tokens: int = typer.Option(16, min=2, help="Tokens generated per decode point."),
         grid: str = typer.Option("cross", help="cross: contexts at batch 1 + batches at --batch-context; full."),
         batch_context: int = typer.Option(1024, min=2, help="Context of the batch sweep in the cross grid."),
-        baselines: str = typer.Option("hf-generate,llama.cpp", help="Outside baselines, or 'none'."),
+        baselines: str = typer.Option("hf-generate", help="Outside baselines: hf-generate, llama.cpp, or none."),
         model: str = typer.Option(None, help="Base model (default: embedded SmolLM2-135M-Instruct)."),
         weights: str = typer.Option("auto", help="DSLA checkpoint dir, 'auto' or 'none'."),
         dtype: str = typer.Option("float32", help="Engine dtype; Hugging Face runs the same where it can."),
@@ -57,7 +62,9 @@ def suite_command(names: list[str], doc: str):
         try:
             settings = BenchSettings(
                 contexts=_numbers(contexts, int, "--contexts"), batches=_numbers(batches, int, "--batches"),
-                levels=_numbers(levels, float, "--levels"), repeats=repeats, warmup=warmup,
+                levels=_numbers(levels, float, "--levels"),
+                batch_levels=_numbers(batch_levels, float, "--batch-levels"), repeats=repeats, warmup=warmup,
+                single_run_tokens=single_run_tokens, memory_measured_max=memory_measured_max,
                 decode_tokens=decode_tokens, grid=grid, batch_context=batch_context, dtype=dtype, model=model,
                 weights=None if weights == "none" else weights,
                 baselines=[] if baselines == "none" else [b.strip() for b in baselines.split(",") if b.strip()],
@@ -110,7 +117,9 @@ def replay(
     ),
     slo_ttft: float = typer.Option(2.0, help="SLO: time to first token, seconds."),
     slo_tpot: float = typer.Option(0.2, help="SLO: time per output token, seconds."),
-    quality: Path = typer.Option(None, help="JSON of `dsla-serve eval ppl --json`, for the quality cost."),
+    quality: Path = typer.Option(
+        None, help=f"Perplexity by level for the quality cost (default: {DEFAULT_QUALITY} when present)."
+    ),
     out: Path = typer.Option(Path("runs/replay"), help="Directory for replay.json, REPLAY.md, plots, server logs."),
     as_json: bool = typer.Option(False, "--json", help="Print the summaries as JSON."),
 ) -> None:
@@ -132,6 +141,7 @@ def replay(
         _fail(f"--endpoint must be completions or chat, got {endpoint!r}")
     try:
         policies = [Policy.parse(p) for p in compare.split(",")] if compare else [None]
+        quality = quality or (DEFAULT_QUALITY if DEFAULT_QUALITY.is_file() else None)
         ppl = read_quality(quality) if quality else None
         path, _ = resolve(model)
         tok = AutoTokenizer.from_pretrained(path)

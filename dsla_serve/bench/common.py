@@ -4,16 +4,29 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 
 
 def time_median(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> dict[str, float | list[float]]:
     """Run fn warmup + repeats times; median and all times in seconds."""
+    return time_interleaved({0: fn}, repeats, warmup)[0]
+
+
+def time_interleaved(
+    fns: dict[Hashable, Callable[[], object]], repeats: int = 3, warmup: int = 0
+) -> dict[Hashable, dict[str, float | list[float]]]:
+    """Run every fn once per round, round after round; median and all times in seconds per key.
+
+    Interleaving is what keeps ratios honest on a shared machine: a spell of outside load lands
+    on one run of each candidate instead of on every run of one of them.
+    """
     for _ in range(warmup):
-        fn()
-    times = []
+        for fn in fns.values():
+            fn()
+    times: dict[Hashable, list[float]] = {key: [] for key in fns}
     for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return {"median_s": statistics.median(times), "times_s": times}
+        for key, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[key].append(time.perf_counter() - t)
+    return {key: {"median_s": statistics.median(ts), "times_s": ts} for key, ts in times.items()}

@@ -8,21 +8,30 @@ dsla-serve bench all --out runs/bench
 
 Every figure is a median of several timed runs (decode: of the per-token step times of one
 generation); ratios are computed within one run, against our engine at level 0 on the same point.
-The grid is a "cross" by default (every context at batch 1, every batch at one context): the full
-product at 8192 x 8 is hours on a 2-core CPU. Inputs are windows of real text.
+The grid is a "cross" by default (every context at batch 1 at every level, every batch at one
+context at ``batch_levels``): the full product at 8192 x 8 is hours on a 2-core CPU. Prefill points
+of ``single_run_tokens`` tokens or more (context x batch) are timed once: an 8192-token prefill is a
+minute or more here, and one run of it varies far less than short ones do. Inputs are windows of real text.
+
+Decode prefills each point once, all-attention, and reaches every level by folding the KV caches of
+the level's layers into DSLA states (the in-flight conversion the server does: exact, and far
+cheaper than one prefill per level); Hugging Face decodes from a cache prefilled the same way.
 """
 
 from __future__ import annotations
 
+import copy
 import itertools
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 
 import torch
 from transformers.generation.streamers import BaseStreamer
 
-from dsla_serve.bench.common import time_median
+from dsla_serve.bench.common import time_interleaved
 from dsla_serve.bench.prompts import load_text
 from dsla_serve.generate import prefill
 from dsla_serve.model import HybridCache
@@ -37,26 +46,31 @@ OURS, HF, LLAMACPP = "dsla-serve", "hf-generate", "llama.cpp"
 
 @dataclass
 class BenchSettings:
-    contexts: list[int] = field(default_factory=lambda: [512, 1024, 2048, 4096, 8192])
-    batches: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
+    contexts: list[int] = field(default_factory=lambda: [512, 2048, 8192])
+    batches: list[int] = field(default_factory=lambda: [1, 8])
     levels: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    batch_levels: list[float] = field(default_factory=lambda: [0.0, 0.5])  # levels at batch > 1 points
     repeats: int = 3
-    warmup: int = 1
-    decode_tokens: int = 32
+    warmup: int = 0  # untimed runs per prefill point (one short warm-up of every engine always runs first)
+    single_run_tokens: int = 8192  # prefill points of this many tokens (context x batch) or more: one run
+    memory_measured_max: int = 2048  # memory: real prefills up to this context, the checked formula beyond
+    decode_tokens: int = 16
     grid: str = "cross"  # cross: contexts at batch 1 + batches at batch_context; full: every pair
     batch_context: int = 1024
     dtype: str = "float32"
     model: str | None = None
     weights: str | None = "auto"
-    baselines: list[str] = field(default_factory=lambda: [HF, LLAMACPP])
+    baselines: list[str] = field(default_factory=lambda: [HF])
 
     def __post_init__(self) -> None:
         if self.grid not in ("cross", "full"):
             raise ValueError(f"grid must be 'cross' or 'full', got {self.grid!r}")
         if not self.contexts or min(self.contexts) < 2 or not self.batches or min(self.batches) < 1:
             raise ValueError(f"contexts must be >= 2 and batches >= 1, got {self.contexts}, {self.batches}")
-        if any(not 0 <= x <= 1 for x in self.levels) or 0.0 not in self.levels:
-            raise ValueError(f"levels must be in [0, 1] and include 0 (the reference), got {self.levels}")
+        for name in ("levels", "batch_levels"):
+            levels = getattr(self, name)
+            if any(not 0 <= x <= 1 for x in levels) or 0.0 not in levels:
+                raise ValueError(f"{name} must be in [0, 1] and include 0 (the reference), got {levels}")
         if self.repeats < 1 or self.decode_tokens < 2:
             raise ValueError("repeats must be >= 1 and decode_tokens >= 2")
         unknown = set(self.baselines) - {HF, LLAMACPP}
@@ -67,8 +81,16 @@ class BenchSettings:
         """(context, batch) pairs to measure."""
         if self.grid == "full":
             return list(itertools.product(self.contexts, self.batches))
-        pts = [(c, 1) for c in self.contexts] + [(self.batch_context, b) for b in self.batches if b > 1]
+        sweep = [(self.batch_context, b) for b in sorted({1, *self.batches})] if max(self.batches) > 1 else []
+        pts = [(c, 1) for c in self.contexts] + sweep
         return list(dict.fromkeys(pts))
+
+    def levels_at(self, batch: int) -> list[float]:
+        return self.levels if batch == 1 else sorted(set(self.batch_levels) & set(self.levels) | {0.0})
+
+    def runs_at(self, context: int, batch: int) -> tuple[int, int]:
+        """(repeats, warmup) of a prefill point: long ones run once."""
+        return (1, 0) if context * batch >= self.single_run_tokens else (self.repeats, self.warmup)
 
 
 class StepClock(BaseStreamer):
@@ -103,6 +125,8 @@ class Engines:
         self.llama = None
         if LLAMACPP in s.baselines:
             self.llama = self.load_llamacpp()
+        else:
+            self.notes.append("llama.cpp not run (optional: --baselines hf-generate,llama.cpp; it reads the Q4 GGUF)")
 
     def load_llamacpp(self):
         if self.s.model is not None and not str(self.s.model).endswith(".gguf"):
@@ -128,44 +152,57 @@ class Engines:
     def layers(self, level: float) -> list[int]:
         return self.info.layers_for(level)
 
+    @torch.no_grad()
+    def warm_up(self) -> None:
+        """One short prefill and decode per engine before any timing: first-call costs (allocator,
+        kernel selection, lazy imports) would otherwise land on the first point measured."""
+        ids = self.ids(64, 1)
+        for level in (0.0, 1.0):
+            cache = HybridCache([self.model.new_cache(self.layers(level), 66)])
+            token = prefill(self.model, ids, cache).argmax(-1)[:, None]
+            self.model(token, cache=cache, logits_for="last")
+        if self.hf is not None:
+            self.hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=False)
+
 
 def row(suite: str, engine: str, level: float | None, context: int, batch: int, **kw) -> dict:
     return {"suite": suite, "engine": engine, "level": level, "context": context, "batch": batch} | kw
 
 
+def our_prefill(e: Engines, ids: torch.Tensor, plan: list[int]) -> None:
+    cache = HybridCache([e.model.new_cache(plan, ids.shape[1] + 1) for _ in range(ids.shape[0])])
+    prefill(e.model, ids, cache).argmax(-1)
+
+
+def llama_prefill(llama, tokens: list[int]) -> None:
+    llama.reset()
+    llama.eval(tokens)
+
+
+def prefill_runs(e: Engines, context: int, batch: int) -> dict[tuple[str, float], Callable[[], object]]:
+    """One prompt-to-first-token run per engine at this point, keyed (engine, level)."""
+    ids = e.ids(context, batch)
+    fns: dict[tuple[str, float], Callable[[], object]] = {
+        (OURS, level): partial(our_prefill, e, ids, e.layers(level)) for level in e.s.levels_at(batch)
+    }
+    if e.hf is not None:
+        mask = torch.ones_like(ids)
+        fns[(HF, 0.0)] = partial(e.hf.generate, ids, attention_mask=mask, max_new_tokens=1, do_sample=False)
+    if e.llama is not None and batch == 1:
+        fns[(LLAMACPP, 0.0)] = partial(llama_prefill, e.llama, ids[0].tolist())
+    return fns
+
+
 @torch.no_grad()
 def bench_prefill(e: Engines) -> list[dict]:
-    """Seconds from prompt to first token (prefill + one sampling step), per point and engine."""
-    s, rows = e.s, []
-    for context, batch in s.points():
-        ids = e.ids(context, batch)
-        for level in s.levels:
-            plan = e.layers(level)
-
-            def run(plan=plan, ids=ids, context=context, batch=batch) -> None:
-                cache = HybridCache([e.model.new_cache(plan, context + 1) for _ in range(batch)])
-                prefill(e.model, ids, cache).argmax(-1)
-
-            t = time_median(run, s.repeats, s.warmup)
-            rows.append(row("prefill", OURS, level, context, batch, **t, tokens_per_s=batch * context / t["median_s"]))
-        if e.hf is not None:
-            t = time_median(
-                lambda ids=ids: e.hf.generate(
-                    ids, attention_mask=torch.ones_like(ids), max_new_tokens=1, do_sample=False
-                ),
-                s.repeats,
-                s.warmup,
-            )
-            rows.append(row("prefill", HF, 0.0, context, batch, **t, tokens_per_s=batch * context / t["median_s"]))
-        if e.llama is not None and batch == 1:
-            tokens = ids[0].tolist()
-
-            def run_llama(tokens=tokens) -> None:
-                e.llama.reset()
-                e.llama.eval(tokens)
-
-            t = time_median(run_llama, s.repeats, s.warmup)
-            rows.append(row("prefill", LLAMACPP, 0.0, context, 1, **t, tokens_per_s=context / t["median_s"]))
+    """Seconds from prompt to first token (prefill + one sampling step), per point and engine; the
+    engines of a point take turns, run after run."""
+    rows = []
+    for context, batch in e.s.points():
+        timed = time_interleaved(prefill_runs(e, context, batch), *e.s.runs_at(context, batch))
+        for (engine, level), t in timed.items():
+            speed = batch * context / t["median_s"]
+            rows.append(row("prefill", engine, level, context, batch, **t, tokens_per_s=speed))
         log.info("prefill context=%d batch=%d done", context, batch)
     return add_ratios(rows)
 
@@ -184,58 +221,82 @@ def bench_decode(e: Engines) -> list[dict]:
     k = s.decode_tokens
     for context, batch in s.points():
         ids = e.ids(context, batch)
-        for level in s.levels:
-            plan = e.layers(level)
-            cache = HybridCache([e.model.new_cache(plan, context + k + 1) for _ in range(batch)])
-            token = prefill(e.model, ids, cache).argmax(-1)[:, None]
-            times = []
-            for _ in range(k):
+        folded = HybridCache([e.model.new_cache([], context + k + 1) for _ in range(batch)])
+        first = prefill(e.model, ids, folded).argmax(-1)[:, None]
+        caches, tokens, times = {}, {}, {}
+        for level in sorted(s.levels_at(batch)):  # levels nest (a prefix of the order): fold onwards
+            for seq in folded.sequences:
+                e.model.fold_to_dsla(seq, e.layers(level))
+            caches[level], tokens[level], times[level] = copy.deepcopy(folded), first, []
+        for _ in range(k):  # levels take turns step by step, so outside load hits them alike
+            for level, cache in caches.items():
                 t = time.perf_counter()
-                logits, _ = e.model(token, cache=cache, logits_for="last")
-                token = logits[:, -1].argmax(-1)[:, None]
-                times.append(time.perf_counter() - t)
-            rows.append(row("decode", OURS, level, context, batch, **step_stats(times, batch),
+                logits, _ = e.model(tokens[level], cache=cache, logits_for="last")
+                tokens[level] = logits[:, -1].argmax(-1)[:, None]
+                times[level].append(time.perf_counter() - t)
+        for level, cache in caches.items():
+            rows.append(row("decode", OURS, level, context, batch, **step_stats(times[level], batch),
                             cache_bytes_per_seq=cache[0].nbytes()))  # fmt: skip
         if e.hf is not None:
+            past = e.hf(ids[:, :-1], use_cache=True, logits_to_keep=1).past_key_values
             clock = StepClock()
             e.hf.generate(
-                ids, attention_mask=torch.ones_like(ids), max_new_tokens=k + 1, min_new_tokens=k + 1,
-                do_sample=False, streamer=clock,
+                ids, attention_mask=torch.ones_like(ids), past_key_values=past, max_new_tokens=k + 1,
+                min_new_tokens=k + 1, do_sample=False, streamer=clock,
             )  # fmt: skip
+            # stamps: the prompt, then each new token; the first token's step reads the last prompt token
             steps = [b - a for a, b in itertools.pairwise(clock.stamps[1:])]
             rows.append(row("decode", HF, 0.0, context, batch, **step_stats(steps, batch)))
         if e.llama is not None and batch == 1:
             e.llama.reset()
             e.llama.eval(ids[0].tolist())
-            times = []
-            for token in e.corpus[:k]:
+            steps = []
+            for tok in e.corpus[:k]:
                 t = time.perf_counter()
-                e.llama.eval([token])
-                times.append(time.perf_counter() - t)
-            rows.append(row("decode", LLAMACPP, 0.0, context, 1, **step_stats(times, 1)))
+                e.llama.eval([tok])
+                steps.append(time.perf_counter() - t)
+            rows.append(row("decode", LLAMACPP, 0.0, context, 1, **step_stats(steps, 1)))
         log.info("decode context=%d batch=%d done", context, batch)
     return add_ratios(rows)
 
 
+def hf_cache_bytes(e: Engines, ids: torch.Tensor) -> int:
+    out = e.hf(ids, use_cache=True, logits_to_keep=1)
+    return sum(t.nbytes for layer in out.past_key_values.layers for t in (layer.keys, layer.values))
+
+
 @torch.no_grad()
 def bench_memory(e: Engines) -> list[dict]:
-    """Cache bytes one sequence holds after a real prefill of each context, per level, against the
-    engine's own per-token formula and Hugging Face's DynamicCache for the same prompt."""
+    """Cache bytes one sequence holds after a prefill of each context, per level. Up to
+    ``memory_measured_max`` tokens from real prefills (ours and Hugging Face's DynamicCache), checked
+    against the engine's own accounting; beyond, from that accounting (``source`` says which)."""
     s, rows = e.s, []
+    hf_per_token = None
     for context in s.contexts:
+        measured = context <= s.memory_measured_max
         ids = e.ids(context, 1)
         for level in s.levels:
             plan = e.layers(level)
+            formula = e.model.cache_bytes_per_token(plan) * context + e.model.state_bytes(plan)
+            if not measured:
+                rows.append(row("memory", OURS, level, context, 1, bytes=formula, kv_bytes=formula
+                                - e.model.state_bytes(plan), state_bytes=e.model.state_bytes(plan),
+                                formula_bytes=formula, source="formula"))  # fmt: skip
+                continue
             cache = HybridCache([e.model.new_cache(plan, context)])
             prefill(e.model, ids, cache)
             seq = cache[0]
-            formula = e.model.cache_bytes_per_token(plan) * context + e.model.state_bytes(plan)
             rows.append(row("memory", OURS, level, context, 1, bytes=seq.nbytes(), kv_bytes=seq.kv_bytes(),
-                            state_bytes=seq.state_bytes(), formula_bytes=formula))  # fmt: skip
+                            state_bytes=seq.state_bytes(), formula_bytes=formula, source="measured"))  # fmt: skip
         if e.hf is not None:
-            out = e.hf(ids, use_cache=True, logits_to_keep=1)
-            kv = sum(t.nbytes for layer in out.past_key_values.layers for t in (layer.keys, layer.values))
-            rows.append(row("memory", HF, 0.0, context, 1, bytes=kv, kv_bytes=kv, state_bytes=0))
+            if measured:
+                kv = hf_cache_bytes(e, ids)
+                hf_per_token = kv / context
+            else:  # DynamicCache grows by the same bytes per token at every length
+                hf_per_token = hf_per_token or hf_cache_bytes(e, ids[:, :64]) / 64
+                kv = round(hf_per_token * context)
+            rows.append(row("memory", HF, 0.0, context, 1, bytes=kv, kv_bytes=kv, state_bytes=0,
+                            source="measured" if measured else "per-token bytes measured"))  # fmt: skip
     return add_ratios(rows, key="bytes")
 
 
@@ -257,6 +318,10 @@ def run_suites(names: list[str], s: BenchSettings) -> dict:
     """Load the engines once, run the named suites, return one JSON-ready result."""
     t0 = time.perf_counter()
     e = Engines(s)
+    e.warm_up()
+    single = [f"{c}x{b}" for c, b in s.points() if s.runs_at(c, b)[0] == 1 and s.repeats > 1]
+    if "prefill" in names and single:
+        e.notes.append(f"prefill points of >= {s.single_run_tokens} tokens ({', '.join(single)}) are timed once")
     result: dict = {"settings": asdict(s), "machine": machine_info(), "model": e.info.model}
     result |= {"dsla_weights": e.info.weights, "order": e.info.order, "order_source": e.info.order_source}
     for name in names:

@@ -330,12 +330,16 @@ def level_shares(samples: list[dict]) -> dict[str, float]:
 
 
 def read_quality(path: str | Path) -> dict[float, float]:
-    """{level: perplexity} from the JSON of `dsla-serve eval ppl --json`."""
+    """{level: perplexity} from quality.json of `dsla-serve eval quality` (its DSLA rows) or the JSON
+    of `dsla-serve eval ppl --json`."""
     try:
-        rows = json.loads(Path(path).read_text())["levels"]
+        data = json.loads(Path(path).read_text())
+        rows = data["ppl_dsla"] if "ppl_dsla" in data else data["levels"]
         return {float(r["conversion"]): float(r["ppl"]) for r in rows}
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ReplayError(f"{path}: expected the JSON of `dsla-serve eval ppl --json` ({e})") from None
+        raise ReplayError(
+            f"{path}: expected quality.json of `dsla-serve eval quality` or `dsla-serve eval ppl --json` ({e})"
+        ) from None
 
 
 def quality_cost(shares: dict[str, float], ppl: dict[float, float] | None) -> dict | None:

@@ -82,6 +82,17 @@ def memory_table(rows: list[dict]) -> str:
     return table(header, out)
 
 
+def memory_note(rows: list[dict], measured_max: int) -> str:
+    """Where the memory figures come from, and whether the engine's accounting matched the real caches."""
+    real = [r for r in rows if r["engine"] == OURS and r["source"] == "measured"]
+    agree = all(r["bytes"] == r["formula_bytes"] for r in real)
+    return (
+        f"Our engine: real prefills up to context {measured_max}, where its byte accounting "
+        f"{'matched them exactly' if agree else 'DID NOT match them'}; beyond, that accounting. "
+        "Hugging Face: its DynamicCache measured the same way, then its bytes per token."
+    )
+
+
 def ratio_at(rows: list[dict], level: float, context: int) -> float | None:
     hit = pick(rows, OURS, level, 1, context)
     return hit[0].get("vs_ours_level0") if hit else None
@@ -122,12 +133,13 @@ def targets(result: dict) -> list[list[str]]:
 def plot_lines(ax, rows: list[dict], x: str, y: str, scale: float = 1.0, batch: int | None = 1, context=None) -> None:
     for e, lv in engine_columns(rows):
         pts = sorted((r[x], r[y] * scale) for r in pick(rows, e, lv, batch, context))
-        if len(pts) > 1:
+        if pts:
             ax.plot(*zip(*pts, strict=True), marker="o", label=engine_label({"engine": e, "level": lv}),
                     linestyle="--" if e != OURS else "-")  # fmt: skip
     ax.set_xscale("log", base=2)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
 
 
 def bench_plots(result: dict, out: Path) -> list[str]:
@@ -161,10 +173,13 @@ def bench_markdown(result: dict, plots: list[str]) -> str:
         f"Machine: {machine_line(result['machine'])}.  \nModel: {result['model']} ({s['dtype']}); DSLA weights: "
         f"{result['dsla_weights'] or 'none (fresh layers)'}; conversion order from {result['order_source']}.  \n"
         f"Settings: contexts {s['contexts']}, batches {s['batches']} ({s['grid']} grid, batches at context "
-        f"{s['batch_context']}), levels {s['levels']}, {s['repeats']} repeats, {s['decode_tokens']} decode tokens. "
-        f"Run time {result['elapsed_s'] / 60:.1f} min.",
+        f"{s['batch_context']} at levels {s['batch_levels']}), levels {s['levels']}, prefill medians of "
+        f"{s['repeats']} runs (1 run at ≥ {s['single_run_tokens']} tokens), decode medians over "
+        f"{s['decode_tokens']} steps. Run time {result['elapsed_s'] / 60:.1f} min.",
         "Each cell: median, and in brackets the ratio to our engine at 0 % on the same point (times: > 1 is "
-        "faster; memory: the fraction). Ratios come from one run; timings on a shared CPU are noisy.",
+        "faster; memory: the fraction). The engines of a point take turns (prefill: run by run; our decode "
+        "levels: step by step), so outside load on a shared CPU falls on all of them alike; absolute times "
+        "still move with it.",
     ]
     if result.get("notes"):
         parts.append("Notes:\n" + "\n".join(f"- {n}" for n in result["notes"]))
@@ -174,7 +189,11 @@ def bench_markdown(result: dict, plots: list[str]) -> str:
     if result.get("decode"):
         parts += ["## Decode (per token)", speed_table(result["decode"], "ms_per_token", 1.0, "ms")]
     if result.get("memory"):
-        parts += ["## Cache memory per sequence (after prefill)", memory_table(result["memory"])]
+        parts += [
+            "## Cache memory per sequence (after prefill)",
+            memory_note(result["memory"], s["memory_measured_max"]),
+            memory_table(result["memory"]),
+        ]
     parts += ["## Plots", "\n".join(f"![{p}]({p})" for p in plots)]
     return "\n\n".join(parts) + "\n"
 
@@ -272,7 +291,10 @@ def replay_markdown(result: dict, plots: list[str]) -> str:
         parts.append(f"Target (adaptive mean end-to-end ≤ 1/{PAPER_SPEEDUP} of all-attention): {fmt(gain, '.2f')}× "
                      f"— {verdict}.")  # fmt: skip
     if not any(r["quality"] for r in result["runs"]):
-        parts.append("Quality cost: not given (pass `--quality` with the JSON of `dsla-serve eval ppl`).")
+        parts.append(
+            "Quality cost: not given (run `dsla-serve eval quality --out-dir docs/quality`, or pass "
+            "`--quality` with the JSON of `dsla-serve eval ppl --json`)."
+        )
     failures = sorted({s for r in result["runs"] for s in r["summary"]["statuses"]})
     if failures:
         parts.append("Failures seen:\n" + "\n".join(f"- {f}" for f in failures))

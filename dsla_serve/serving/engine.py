@@ -330,7 +330,11 @@ class AsyncEngine:
         self._wake.set()
 
     def queued(self) -> int:
-        return len(self.core.scheduler.waiting) + sum(1 for f in self._inbox if isinstance(f, _Admit))
+        """Requests waiting for admission, counting those still in the inbox (called from the API thread)."""
+        # NOTE(race): list() copies the deque in one C call, under the GIL; iterating it directly could
+        # raise "deque mutated during iteration" while the engine thread pops commands.
+        inbox = list(self._inbox)
+        return len(self.core.scheduler.waiting) + sum(len(f.requests) for f in inbox if isinstance(f, _Admit))
 
     def submit(self, prompts: list[list[int]], params: RequestParams) -> Job:
         """Queue one request per prompt; raises EngineError for invalid input (400), overload (429), shutdown (503)."""
@@ -394,7 +398,9 @@ class AsyncEngine:
         if s.running or s.waiting:
             log.warning("shutdown: %d requests still unfinished after %.0f s, aborting them",
                         len(s.running) + len(s.waiting), timeout_s)  # fmt: skip
-            self.post(lambda: [self.core.abort(r) for r in [*s.running, *s.waiting]])
+            error = EngineError(503, f"the server shut down before this request finished ({timeout_s:.0f} s drain)",
+                                "unavailable", retry_after=30)  # fmt: skip
+            self.post(lambda: [self.core._fail(r, error, "aborted") for r in [*s.running, *s.waiting]])
         self._stop = True
         self._wake.set()
         await asyncio.to_thread(self._thread.join, 30)

@@ -8,6 +8,7 @@ the figures are the engine's and not the event loop's.
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import time
 
@@ -53,14 +54,17 @@ def bench_serving(
     decode_tokens: int = typer.Option(32, min=2, help="Decode steps timed per level."),
     levels: str = typer.Option("0,0.5", help="Static conversion levels to compare; the first is the baseline."),
     dtype: str = typer.Option("float32", help="float32, bfloat16 or int4."),
+    threads: int = typer.Option(None, min=1, help="Torch threads (default: all cores)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Serving-engine decode throughput and cache bytes per sequence with N long prompts per level."""
     from dsla_serve.bench.prompts import PromptBuilder, load_text
-    from dsla_serve.model.pretrained import load_hybrid
+    from dsla_serve.model.pretrained import load_hybrid, set_threads
     from dsla_serve.runtime import machine_info, tune_allocator
 
     tune_allocator()
+    set_threads(threads)
+    load_before = os.getloadavg()  # other jobs on the machine skew the figures: record them
     hybrid, tok, info = load_hybrid(None, "auto", dtype)
     builder = PromptBuilder(tok, load_text())
     prompts = [tok(builder.build(prompt_tokens, i)[0], add_special_tokens=False).input_ids[:prompt_tokens]
@@ -71,7 +75,8 @@ def bench_serving(
         r["throughput_vs_first"] = r["decode_tokens_per_s"] / base["decode_tokens_per_s"]
         r["cache_bytes_vs_first"] = r["cache_bytes_per_seq"] / base["cache_bytes_per_seq"]
         r["reserved_bytes_vs_first"] = r["reserved_bytes_per_seq"] / base["reserved_bytes_per_seq"]
-    result = {"rows": rows, "dtype": dtype, "machine": machine_info()}
+    result = {"rows": rows, "dtype": dtype, "machine": machine_info(),
+              "load_average": {"before": load_before, "after": os.getloadavg()}}  # fmt: skip
     if as_json:
         print(json.dumps(result))
         return
@@ -81,3 +86,4 @@ def bench_serving(
             f"({r['throughput_vs_first']:.2f}x), cache {r['cache_bytes_per_seq'] / 2**20:.1f} MiB/seq "
             f"({r['cache_bytes_vs_first']:.2f}x), reserved {r['reserved_bytes_per_seq'] / 2**20:.1f} MiB/seq"
         )
+    print(f"load average (1, 5, 15 min) before {load_before}, after {result['load_average']['after']}")

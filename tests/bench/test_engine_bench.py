@@ -3,43 +3,56 @@
 from __future__ import annotations
 
 import pytest
-from transformers import AutoTokenizer
 
 from dsla_serve.bench.engine import BenchSettings, run_suites
 from dsla_serve.bench.report import write_bench
-from dsla_serve.model.loader import resolve
-from tests.conftest import tiny_llama
 
 
 @pytest.fixture(scope="module")
-def result(tmp_path_factory) -> dict:
-    folder = tmp_path_factory.mktemp("tiny-model")
-    tok = AutoTokenizer.from_pretrained(resolve(None)[0])
-    tiny_llama(0, vocab_size=len(tok), max_position_embeddings=256).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    settings = BenchSettings(contexts=[32, 64], batches=[1, 2], levels=[0.0, 0.5, 1.0], repeats=2, warmup=0,
-                             decode_tokens=3, batch_context=32, model=str(folder), weights=None,
+def result(tiny_model_dir) -> dict:
+    settings = BenchSettings(contexts=[32, 64], batches=[1, 2], levels=[0.0, 0.5, 1.0], batch_levels=[0.0, 0.5],
+                             repeats=2, single_run_tokens=64, memory_measured_max=32, decode_tokens=3,
+                             batch_context=32, model=str(tiny_model_dir), weights=None,
                              baselines=["hf-generate", "llama.cpp"])  # fmt: skip
     return run_suites(["prefill", "decode", "memory"], settings)
 
 
-def test_every_point_has_every_engine_and_ratios_to_our_zero_level(result):
-    prefill = result["prefill"]
-    points = {(r["context"], r["batch"]) for r in prefill}
+@pytest.mark.parametrize("suite", ["prefill", "decode"])
+def test_every_point_has_its_engines_and_ratios_to_our_zero_level(result, suite):
+    rows = result[suite]
+    points = {(r["context"], r["batch"]) for r in rows}
     assert points == {(32, 1), (64, 1), (32, 2)}
     for ctx, batch in points:
-        here = [r for r in prefill if (r["context"], r["batch"]) == (ctx, batch)]
-        assert {(r["engine"], r["level"]) for r in here} >= {("dsla-serve", 0.0), ("dsla-serve", 0.5),
-                                                             ("dsla-serve", 1.0), ("hf-generate", 0.0)}  # fmt: skip
+        here = [r for r in rows if (r["context"], r["batch"]) == (ctx, batch)]
+        ours = {0.0, 0.5, 1.0} if batch == 1 else {0.0, 0.5}  # batch points run batch_levels only
+        assert {(r["engine"], r["level"]) for r in here} == {("dsla-serve", lv) for lv in ours} | {("hf-generate", 0.0)}
         base = next(r for r in here if r["engine"] == "dsla-serve" and r["level"] == 0.0)
         assert base["median_s"] > 0 and base["vs_ours_level0"] == pytest.approx(1.0)
         assert all(r["vs_ours_level0"] == pytest.approx(base["median_s"] / r["median_s"]) for r in here)
     assert any("llama.cpp skipped" in n for n in result["notes"])  # a local non-GGUF model
 
 
+def test_long_prefill_points_run_once_and_say_so(result):
+    runs = {(r["context"], r["batch"]): len(r["times_s"]) for r in result["prefill"]}
+    assert runs == {(32, 1): 2, (64, 1): 1, (32, 2): 1}
+    assert any("timed once" in n and "64x1" in n for n in result["notes"])
+
+
+def test_decode_reaches_each_level_by_folding(result):
+    rows = [r for r in result["decode"] if r["engine"] == "dsla-serve" and r["batch"] == 1]
+    assert all(len(r["times_s"]) == 3 for r in rows)
+    by_level = {(r["level"], r["context"]): r["cache_bytes_per_seq"] for r in rows}
+    assert by_level[(1.0, 32)] == by_level[(1.0, 64)]  # all state: no KV left after folding
+    assert by_level[(0.0, 64)] > by_level[(0.5, 64)] > by_level[(1.0, 64)]
+
+
 def test_memory_grows_with_context_for_attention_and_not_for_full_dsla(result):
     mem = {(r["level"], r["context"]): r["bytes"] for r in result["memory"] if r["engine"] == "dsla-serve"}
     assert all(r["bytes"] == r["formula_bytes"] for r in result["memory"] if r["engine"] == "dsla-serve")
+    sources = {(r["engine"], r["context"]): r["source"] for r in result["memory"]}
+    assert sources[("dsla-serve", 32)] == "measured" and sources[("dsla-serve", 64)] == "formula"
+    hf = {r["context"]: r["bytes"] for r in result["memory"] if r["engine"] == "hf-generate"}
+    assert hf[64] == 2 * hf[32] == 2 * mem[(0.0, 32)]  # same KV layout as ours at 0 %
     assert mem[(1.0, 32)] == mem[(1.0, 64)]
     assert mem[(0.0, 64)] == 2 * mem[(0.0, 32)]
     assert mem[(0.0, 64)] > mem[(0.5, 64)] > mem[(1.0, 64)]

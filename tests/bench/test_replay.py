@@ -1,5 +1,6 @@
-"""Trace replay: summaries and quality cost on known records, then a tiny trace replayed against a real
-``dsla-serve serve`` subprocess on a loopback port (library API and the ``replay`` command)."""
+"""Trace replay: summaries and quality cost on known records, then a tiny trace replayed over loopback
+HTTP against a real server: the tiny random model in-thread (library API, ``replay --url``), and
+``replay --compare`` starting ``dsla-serve serve`` subprocesses itself."""
 
 from __future__ import annotations
 
@@ -23,10 +24,12 @@ from dsla_serve.bench.replay import (
     level_shares,
     parse_metrics,
     quality_cost,
+    read_quality,
     summarize,
 )
 from dsla_serve.bench.trace import Trace, TraceRequest
 from dsla_serve.model.loader import resolve
+from tests.serving.conftest import start_server
 
 
 def test_policy_parsing():
@@ -93,15 +96,18 @@ def test_server_that_fails_to_start_is_reported(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    log = tmp_path_factory.mktemp("server") / "server.log"
-    with ManagedServer(["--policy", "off", "--max-num-seqs", "4"], log) as s:
+def tok():
+    return AutoTokenizer.from_pretrained(resolve(None)[0])
+
+
+@pytest.fixture(scope="module")
+def server(tok):
+    with start_server(tok, sched={"max_num_seqs": 4}) as s:
         yield s
 
 
 @pytest.fixture(scope="module")
-def tiny_trace():
-    tok = AutoTokenizer.from_pretrained(resolve(None)[0])
+def tiny_trace(tok):
     reqs = [TraceRequest(0.0, 40, 4), TraceRequest(0.2, 90, 6), TraceRequest(0.3, 25, 3)]
     trace = Trace(reqs, "test")
     builder = PromptBuilder(tok, load_text(), seed=0)
@@ -155,3 +161,34 @@ def test_replay_command_on_a_synthetic_trace(server, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "dsla_serve.cli", "replay", "--trace", str(tmp_path / "t.csv"),
                           "--synthetic", "3"], capture_output=True, text=True, timeout=120)  # fmt: skip
     assert bad.returncode == 2 and "either --trace FILE or --synthetic N" in bad.stderr
+
+
+def test_read_quality_takes_eval_quality_and_eval_ppl_json(tmp_path):
+    rows = [{"conversion": 0.0, "ppl": 10.0}, {"conversion": 0.5, "ppl": 12.0}]
+    (tmp_path / "quality.json").write_text(json.dumps({"ppl_dsla": rows, "ppl_gla": [], "levels": [0.0, 0.5]}))
+    (tmp_path / "ppl.json").write_text(json.dumps({"levels": rows}))
+    for name in ("quality.json", "ppl.json"):
+        assert read_quality(tmp_path / name) == {0.0: 10.0, 0.5: 12.0}
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(ReplayError, match=r"bad\.json: expected quality\.json"):
+        read_quality(tmp_path / "bad.json")
+
+
+def test_replay_compare_starts_a_server_per_policy(tiny_model_dir, tmp_path):
+    out = tmp_path / "out"
+    quality = tmp_path / "quality.json"
+    quality.write_text(json.dumps({"ppl_dsla": [{"conversion": 0.0, "ppl": 10.0}, {"conversion": 1.0, "ppl": 15.0}]}))
+    proc = subprocess.run(
+        [sys.executable, "-m", "dsla_serve.cli", "replay", "--synthetic", "2", "--rate", "10", "--max-prompt", "24",
+         "--max-output", "2", "--compare", "off,static:1", "--model", str(tiny_model_dir), "--serve-arg=--weights=none", "--quality", str(quality),
+         "--out", str(out), "--json"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    summaries = json.loads(proc.stdout)
+    assert [summaries[p]["completed"] for p in ("off", "static:1")] == [2, 2]
+    assert summaries["static:1"]["level_shares"] == {"1": 1.0}
+    saved = json.loads((out / "replay.json").read_text())
+    assert saved["runs"][1]["quality"]["weighted_ppl_ratio"] == pytest.approx(1.5)
+    assert "| off | static:1 |" in (out / "REPLAY.md").read_text()
+    assert {p.name for p in out.glob("server-*.log")} == {"server-off.log", "server-static-1.log"}

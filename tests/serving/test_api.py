@@ -77,6 +77,7 @@ def test_echo_logprobs_equal_the_model_s_own(client, tokenizer):
     assert lp.text_offset[0] == 0 and r.choices[0].text == tokenizer.decode(ids)
 
 
+HI = [{"role": "user", "content": "x"}]
 BAD = [
     ("/v1/completions", b"{not json", 400, "invalid_json"),
     ("/v1/completions", b"[1, 2]", 400, "invalid_json"),
@@ -93,7 +94,20 @@ BAD = [
     ("/v1/completions", {"prompt": "x"}, 400, "invalid_value"),
     ("/v1/chat/completions", {"model": MODEL, "messages": []}, 400, "invalid_value"),
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "robot", "content": "x"}]}, 400, "invalid_value"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "stream": "yes"}, 400, "invalid_value"),  # no coercion
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": "5"}, 400, "invalid_value"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "seed": 1.5}, 400, "invalid_value"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "stop": 5}, 400, "invalid_value"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "top_p": 0}, 400, "invalid_value"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "logprobs": 6}, 400, "invalid_value"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 0}, 400, "invalid_value"),  # only with echo
+    ("/v1/completions", {"model": MODEL, "prompt": None}, 400, "invalid_value"),
+    ("/v1/completions", {"model": MODEL, "prompt": [-1]}, 400, "invalid_value"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": HI, "max_tokens": 0}, 400, "invalid_value"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": "hi"}, 400, "invalid_value"),
+    ("/v1/chat/completions", {"model": "gpt-5", "messages": HI}, 404, "model_not_found"),
     ("/v1/dsla", {"level": 3}, 400, "invalid_value"),
+    ("/v1/dsla", {"levle": 0.5}, 400, "invalid_value"),  # our own API: an unknown field is a typo
     ("/v1/dsla", {"policy": "sometimes"}, 400, "invalid_value"),
     ("/v1/nothing", {}, 404, "not_found"),
 ]
@@ -106,10 +120,58 @@ def test_bad_input_gets_an_openai_error_and_disturbs_nothing(server, client, pat
     r = httpx.post(server.url + path, content=raw, headers={"content-type": "application/json"}, timeout=30)
     assert r.status_code == status, r.text
     err = r.json()["error"]
-    assert err["code"] == code and err["message"] and "type" in err
+    assert set(err) == {"message", "type", "param", "code"}
+    assert err["code"] == code and err["message"] and err["type"] == "invalid_request_error"
     ok = client.completions.create(model=MODEL, prompt="still fine", max_tokens=2)
     assert ok.usage.completion_tokens == 2
     assert httpx.get(server.url + "/health").json()["status"] == "ok"
+
+
+def test_error_messages_name_the_field_and_the_fix(server):
+    def post(body: dict) -> dict:
+        return httpx.post(server.url + "/v1/completions", json={"model": MODEL, "prompt": "x"} | body).json()["error"]
+
+    err = post({"stop": 5})
+    assert err["param"] == "stop" and "valid string" in err["message"] and "valid list" in err["message"]
+    assert post({"max_tokens": 10**9})["message"].endswith("shorten the prompt or lower max_tokens")
+    assert "GET /v1/models" in post({"model": "gpt-5"})["message"]
+    r = httpx.get(server.url + "/v1/completions")
+    assert r.status_code == 405 and r.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_null_parameters_and_unknown_fields_are_accepted(server, client):
+    """`stop: null` (and null for any optional parameter) is what many clients send; unknown fields
+    (lm-eval's extra generation options, a replayed assistant message's tool_calls) are ignored."""
+    r = client.completions.create(model=MODEL, prompt="x", max_tokens=2, stop=None)
+    assert r.usage.completion_tokens == 2
+    nulls = {"n": None, "temperature": None, "logprobs": None, "stream": None, "seed": None, "stream_options": None}
+    r = httpx.post(server.url + "/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2} | nulls)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2  # null means the default
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello", "tool_calls": None},
+                {"role": "user", "content": "more"}]  # fmt: skip
+    r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2, stop=None,
+                                       extra_body={"top_k": 5, "repetition_penalty": 1.0})  # fmt: skip
+    assert r.choices[0].finish_reason == "length"
+
+
+def test_lm_eval_batched_loglikelihood_payload(client, tokenizer):
+    """What lm-eval's local-completions sends for log-likelihood: token-id lists, echo, logprobs=1,
+    max_tokens=1 (it drops the generated entry with [ctxlen:-1]) and compares each token's logprob
+    with the best of its top_logprobs (is_greedy)."""
+    a = tokenizer("The keeper lit the lamp", add_special_tokens=False).input_ids
+    b = tokenizer("Ships came in after the storm had passed", add_special_tokens=False).input_ids
+    r = client.completions.create(model=MODEL, prompt=[a, b], max_tokens=1, echo=True, logprobs=1, temperature=0,
+                                  seed=1234)  # fmt: skip
+    assert [c.index for c in r.choices] == [0, 1]
+    for ids, choice in zip((a, b), r.choices, strict=True):
+        lp = choice.logprobs
+        assert len(lp.token_logprobs) == len(lp.tokens) == len(lp.top_logprobs) == len(lp.text_offset) == len(ids) + 1
+        assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+        assert all(len(top) == 1 for top in lp.top_logprobs[1:])
+        greedy = lp.token_logprobs[-1]  # the generated token, sampled greedily: equal to its top-1 value
+        assert greedy == max(lp.top_logprobs[-1].values())
+        assert lp.text_offset == sorted(lp.text_offset)
+    assert r.usage.prompt_tokens == len(a) + len(b) and r.usage.completion_tokens == 2
 
 
 def test_models_health_and_metrics_parse(server, client):
@@ -134,8 +196,14 @@ def test_dsla_state_and_manual_override(server):
     assert r["level"] == 0.5 and r["decision"]["trigger"] == "manual"
     modes = {x["layer"]: x["new_sequences"] for x in r["layers"]}
     assert modes == {0: "attention", 1: "attention", 2: "dsla", 3: "dsla"}
+    level = {s.name: s.value for f in text_string_to_metric_families(httpx.get(server.url + "/metrics").text)
+             for s in f.samples if s.name == "dsla_conversion_level"}  # fmt: skip
+    assert level == {"dsla_conversion_level": 0.5}
     r = httpx.post(server.url + "/v1/dsla", json={"level": 0.0}).json()
     assert r["level"] == 0.0 and r["controller"]["decisions"][0]["reason"].startswith("manual")
+    assert (
+        'dsla_controller_decisions_total{direction="set",trigger="manual"}' in httpx.get(server.url + "/metrics").text
+    )
 
 
 def test_conversion_while_requests_run_loses_nothing(tokenizer):
@@ -192,6 +260,33 @@ def test_disconnect_cancels_the_sequence_and_frees_its_cache(tokenizer):
         assert srv.engine.core.scheduler.used == 0
         aborted = httpx.get(srv.url + "/metrics").text
         assert 'dsla_requests_total{outcome="aborted"} 1.0' in aborted
+
+
+def test_non_streaming_client_that_gives_up_frees_its_cache(tokenizer):
+    with start_server(tokenizer) as srv:
+        body = {"model": MODEL, "prompt": "An endless tale", "max_tokens": 900, "ignore_eos": True}
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(srv.url + "/v1/completions", json=body, timeout=httpx.Timeout(30, read=0.5))
+        deadline = time.monotonic() + 30
+        while srv.engine.core.scheduler.running and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not srv.engine.core.scheduler.running and srv.engine.core.scheduler.used == 0
+        assert httpx.get(srv.url + "/v1/dsla").json()["memory"]["used_bytes"] == 0
+
+
+def test_queue_timeout_answers_503_with_retry_after(tokenizer):
+    with start_server(tokenizer, sched={"max_num_seqs": 1, "queue_timeout_s": 0.2}) as srv:
+        long = threading.Thread(target=httpx.post, args=(srv.url + "/v1/completions",), kwargs={"timeout": 60, "json": {
+            "model": MODEL, "prompt": "hold the slot", "max_tokens": 300, "ignore_eos": True}})  # fmt: skip
+        long.start()
+        while not srv.engine.core.scheduler.running:
+            time.sleep(0.01)
+        r = httpx.post(
+            srv.url + "/v1/completions", json={"model": MODEL, "prompt": "late", "max_tokens": 2}, timeout=30
+        )
+        assert r.status_code == 503 and int(r.headers["retry-after"]) >= 1
+        assert r.json()["error"]["code"] == "queue_timeout" and r.json()["error"]["type"] == "server_error"
+        long.join(60)
 
 
 def test_overload_answers_429_with_retry_after_never_hangs(tokenizer):

@@ -124,3 +124,65 @@ def test_adaptive_policy_converts_under_a_queue_and_back_when_it_drains(tokenize
     assert core.controller.level == 0.0
     triggers = [d["trigger"] for d in core.snapshot()["controller"]["decisions"]]
     assert "queue" in triggers and triggers[0] == "load_fell"
+
+
+def test_memory_pressure_folds_running_sequences_and_admits_the_blocked_one(tokenizer):
+    """Adaptive policy under memory pressure: the level rises with convert_running, the running
+    sequence's KV caches are folded (its reservation shrinks), and the queued request then fits."""
+    probe = make_core(tokenizer)
+    one = probe.runner.cache_bytes(0, 40)
+    core = make_core(tokenizer, sched={"memory_budget": int(one * 1.6)}, ctrl={
+        "policy": "adaptive", "caps": ((float("inf"), 1.0),), "max_conversion": 1.0, "step": 0.25,
+        "cooldown_s": 0, "tpot_target_s": None})  # fmt: skip
+    a, a_out = submit(core, "the sea and the wind and", max_tokens=40 - 6)
+    b, b_out = submit(core, "the sea and the wind and", max_tokens=40 - 6)
+    core.step()
+    assert a.status == Status.RUNNING and b.status == Status.WAITING
+    reserved = a.reserved
+    for _ in range(10):
+        if b.status == Status.RUNNING:
+            break
+        core.step()
+    assert a.status == b.status == Status.RUNNING  # b got in while a still runs: a's folding made room
+    assert a.dsla_count >= 1 and a.reserved < reserved and core.conversions >= 1
+    memory = [d for d in core.controller.decisions if d.trigger == "memory"]
+    assert memory and all(d.convert_running for d in memory) and "memory pressure" in memory[0].reason
+    run(core, a, b)
+    assert a_out[-1].finish_reason == b_out[-1].finish_reason == "length"
+    assert a_out[-1].completion_tokens == b_out[-1].completion_tokens == 34 and core.scheduler.used == 0
+
+
+def test_serving_benchmark_rows(tokenizer):
+    """``dsla-serve bench serving``'s measurement on the tiny model: half the layers as DSLA hold about
+    half the per-sequence cache (the states are small next to a 96-token KV cache)."""
+    from dsla_serve.serving.loadtest import run_level
+
+    hybrid, info = tiny_hybrid(tokenizer)
+    prompts = [tokenizer("the sea " * 48, add_special_tokens=False).input_ids[:96]] * 2
+    rows = [run_level(hybrid, tokenizer, info, level, prompts, decode_tokens=3) for level in (0.0, 0.5)]
+    assert [r["decode_steps"] for r in rows] == [3, 3] and all(r["decode_tokens_per_s"] > 0 for r in rows)
+    assert rows[0]["cache_bytes_per_seq"] == rows[0]["reserved_bytes_per_seq"] > 0
+    assert 0.5 <= rows[1]["cache_bytes_per_seq"] / rows[0]["cache_bytes_per_seq"] < 0.6
+
+
+def test_shutdown_past_its_drain_timeout_fails_what_is_left_instead_of_hanging(tokenizer):
+    import asyncio
+
+    from dsla_serve.serving.engine import AsyncEngine
+
+    async def scenario() -> Output:
+        engine = AsyncEngine(make_core(tokenizer))
+        engine.start()
+        ids = tokenizer("an endless tale", add_special_tokens=False).input_ids
+        job = engine.submit([ids], RequestParams(max_tokens=900, ignore_eos=True))
+        while not engine.core.scheduler.running:
+            await asyncio.sleep(0.01)
+        await engine.shutdown(timeout_s=0.2)
+        assert not engine.alive
+        out = await asyncio.wait_for(job.next(), 5)
+        while out.error is None and out.finish_reason is None:
+            out = await asyncio.wait_for(job.next(), 5)
+        return out
+
+    out = asyncio.run(scenario())
+    assert out.error is not None and out.error.status == 503 and out.error.retry_after

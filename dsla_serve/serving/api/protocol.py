@@ -1,20 +1,27 @@
 """OpenAI-compatible request models, their validation, and the pieces of responses built from engine outputs.
 
-Requests are validated strictly: an unknown field, a field of the wrong type or an unsupported
-option (n > 1, penalties, logit_bias, tools) is a 400 whose message names the field and what to do.
+Known fields are validated strictly: a wrong type (no coercion: "5" is not an integer, "yes" not a
+boolean), a value out of range or an unsupported option (n > 1, penalties, logit_bias, tools) is a
+400 whose message names the field and what to do. Unknown fields are ignored and logged, as vLLM
+does: clients such as lm-eval forward generation options this server has no use for.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import re
 from collections.abc import Callable
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dsla_serve.serving.request import EngineError, RequestParams, TokenLogprob
 
+log = logging.getLogger(__name__)
+
 MAX_STOP = 4
+TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}  # pydantic's names of union members
 
 
 class ApiError(EngineError):
@@ -26,26 +33,40 @@ class ApiError(EngineError):
 
 
 def error_body(e: EngineError) -> dict:
-    kind = {400: "invalid_request_error", 404: "invalid_request_error", 429: "rate_limit_error"}
+    kind = "rate_limit_error" if e.status == 429 else "invalid_request_error" if e.status < 500 else "server_error"
     return {
         "error": {
             "message": e.message,
-            "type": kind.get(e.status, "server_error"),
+            "type": kind,
             "param": getattr(e, "param", None),
             "code": e.code,
         }
     }
 
 
+class Body(BaseModel):
+    """An OpenAI request body (or part of one): strict types, unknown fields ignored."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        """OpenAI's parameters are nullable and clients send null for unset ones (``"stop": null``)."""
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
+
+
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """A body of this server's own API (/v1/dsla): strict types, and an unknown field is a typo (400)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
-class StreamOptions(Strict):
+class StreamOptions(Body):
     include_usage: bool = False
 
 
-class Common(Strict):
+class Common(Body):
     """Fields shared by completions and chat completions."""
 
     model: str
@@ -55,7 +76,7 @@ class Common(Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = Field(None, validate_default=True)  # always a list once validated
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)  # what torch.Generator.manual_seed takes
     user: str | None = None
     ignore_eos: bool = False  # extension (vLLM has it too): generate exactly max_tokens
     presence_penalty: float = 0.0
@@ -134,12 +155,12 @@ class CompletionRequest(Common):
         return out
 
 
-class TextPart(Strict):
+class TextPart(Body):
     type: Literal["text"]
     text: str
 
 
-class Message(Strict):
+class Message(Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
@@ -188,12 +209,23 @@ class ChatRequest(Common):
         return tokenizer(text, add_special_tokens=False).input_ids
 
 
+def field_path(loc: tuple) -> str:
+    """'messages.0.content' from a pydantic error location, cut before a union member's type tag
+    ('stop.str', 'stop.list[str]' -> 'stop'), so a union's failed alternatives read as one field."""
+    keep = []
+    for x in loc:
+        if not (isinstance(x, int) or (re.fullmatch(r"[a-z_]+", x) and x not in TYPE_TAGS)):
+            break
+        keep.append(str(x))
+    return ".".join(keep) or (str(loc[0]) if loc else "body")
+
+
 def is_token(t: object) -> bool:
     return isinstance(t, int) and not isinstance(t, bool)
 
 
-def parse_body(raw: bytes, model: type[Strict]) -> Any:
-    """JSON body -> request model, or an ApiError naming what is wrong."""
+def parse_body(raw: bytes, model: type[BaseModel]) -> Any:
+    """JSON body -> request model, or an ApiError naming what is wrong (one part per offending field)."""
     try:
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -201,19 +233,24 @@ def parse_body(raw: bytes, model: type[Strict]) -> Any:
     if not isinstance(data, dict):
         raise ApiError(400, "the request body must be a JSON object", "invalid_json")
     try:
-        return model.model_validate(data)
+        body = model.model_validate(data)
     except ValidationError as e:
-        parts, first = [], None
+        fields: dict[str, list[str]] = {}  # field path -> what is wrong (several for a union: one per type tried)
         for err in e.errors():
-            loc = ".".join(str(x) for x in err["loc"])
-            first = first or loc
+            loc = field_path(err["loc"])
             if err["type"] == "extra_forbidden":
-                parts.append(f"unrecognized request argument {loc!r}")
+                msg = "unrecognized request argument"
             elif err["type"] == "missing":
-                parts.append(f"{loc} is required")
+                msg = "is required"
             else:
-                parts.append(f"{loc}: {err['msg']} (got {json.dumps(err.get('input'))[:80]})")
-        raise ApiError(400, "; ".join(parts), "invalid_value", first) from e
+                msg = f"{err['msg']} (got {json.dumps(err.get('input'))[:80]})"
+            fields.setdefault(loc, []).append(msg)
+        parts = [f"{loc}: {' or '.join(dict.fromkeys(msgs))}" for loc, msgs in fields.items()]
+        raise ApiError(400, "; ".join(parts), "invalid_value", next(iter(fields))) from e
+    ignored = sorted(set(data) - set(model.model_fields))
+    if ignored:
+        log.info("ignoring unknown request fields %s", ignored)
+    return body
 
 
 class TokenText:
