@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from pathlib import Path
 
 import typer
 from rich.console import Console
@@ -107,6 +108,25 @@ def generate(
         err.print(f"[yellow]note:[/yellow] {note}")
 
 
+@app.command("export-hf")
+def export_hf(
+    out: Path = typer.Argument(..., help="Directory to write (created; files in it are replaced)."),
+    model: str = typer.Option(None, help="Base model: checkpoint dir, .gguf file or hub id (default: embedded)."),
+    dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
+) -> None:
+    """Write the base model as a standard Hugging Face checkpoint (config, model.safetensors, tokenizer,
+    generation config) that vLLM and `AutoModelForCausalLM.from_pretrained` read."""
+    from dsla_serve.model import ModelLoadError
+    from dsla_serve.model.loader import export_hf as run
+
+    try:
+        path = run(model, out, dtype)
+    except ModelLoadError as e:
+        fail(str(e))
+    print(path)
+    err.print(f"[dim]{', '.join(sorted(f.name for f in path.iterdir()))}[/dim]")
+
+
 @bench_app.command("kernel")
 def bench_kernel(
     seq_len: int = typer.Option(8192, min=1),
@@ -137,6 +157,7 @@ from dsla_serve.distill.cli import data_app, distill, order  # noqa: E402  (type
 from dsla_serve.eval.cli import eval_app  # noqa: E402
 from dsla_serve.serving.cli import control, serve  # noqa: E402
 from dsla_serve.serving.loadtest import bench_serving  # noqa: E402
+from dsla_serve.serving.profile import profile_command  # noqa: E402
 
 app.command()(order)
 app.command()(distill)
@@ -145,15 +166,21 @@ app.add_typer(eval_app, name="eval")
 
 app.command()(serve)
 app.command()(control)
+app.command("profile")(profile_command)
 bench_app.command("serving")(bench_serving)
 
 # ---- benchmarks (engine speed and memory) and trace replay: dsla_serve/bench/cli.py
-from dsla_serve.bench.cli import bench_all, bench_decode, bench_memory, bench_prefill, replay  # noqa: E402
+from dsla_serve.bench.cli import bench_all, bench_decode, bench_memory, bench_prefill, peer_vllm, replay  # noqa: E402
+from dsla_serve.bench.soak import bench_soak  # noqa: E402
 
 bench_app.command("prefill")(bench_prefill)
 bench_app.command("decode")(bench_decode)
 bench_app.command("memory")(bench_memory)
 bench_app.command("all")(bench_all)
+peer_app = typer.Typer(no_args_is_help=True, help="Outside engines on the same model, beside our policies.")
+peer_app.command("vllm")(peer_vllm)
+bench_app.add_typer(peer_app, name="peer")
+bench_app.command("soak")(bench_soak)
 app.command()(replay)
 
 if __name__ == "__main__":

@@ -27,6 +27,10 @@ class DSLAConfig:
     close_half_life: tuple[float, float] = (1.0, 32.0)  # ... and of the recency state
     eps: float = 1e-6
     chunk_size: int = 64
+    window: int = 0  # last W tokens attended exactly (softmax with RoPE); 0 = the paper's DSLA
+    window_logit: float = 0.0  # initial mixing logit of the window's read-out (states start at 0 each)
+    adapter_rank: int = 0  # rank of the low-rank adapters of the state path; 0 = none
+    adapters: str = "qkvo"  # which of q, k, v, o get one (when adapter_rank > 0)
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -40,6 +44,12 @@ class DSLAConfig:
             raise ValueError(f"gate_normalizer must be > 0, got {self.gate_normalizer}")
         if self.chunk_size < 1 or self.chunk_size > 64:
             raise ValueError(f"chunk_size must be in [1, 64] (the kernel's stability bound), got {self.chunk_size}")
+        if self.window < 0:
+            raise ValueError(f"window must be >= 0, got {self.window}")
+        if self.adapter_rank < 0 or set(self.adapters) - set("qkvo"):
+            raise ValueError(
+                f"adapter_rank must be >= 0 and adapters a subset of 'qkvo', got {self.adapter_rank}, {self.adapters!r}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

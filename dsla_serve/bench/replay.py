@@ -24,12 +24,17 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
-from dsla_serve.bench.trace import Trace
+from dsla_serve.bench.trace import Trace, all_at_once, scale_time, utilization_scale
+from dsla_serve.serving.profile import ProfileError, read_ppl
+
+if TYPE_CHECKING:
+    from dsla_serve.bench.peer import VllmPeer
 
 
 class ReplayError(RuntimeError):
@@ -38,16 +43,24 @@ class ReplayError(RuntimeError):
 
 @dataclass(frozen=True)
 class Policy:
-    """A server conversion policy: ``off``, ``static:LEVEL`` or ``adaptive``."""
+    """A server conversion policy: ``off``, ``static:LEVEL`` or ``adaptive``; or ``vllm``, the outside
+    baseline (vLLM's CPU backend on the same model, all attention: dsla_serve/bench/peer.py)."""
 
     name: str
     level: float | None = None
+    url: str | None = None  # url:LABEL=URL: a server already running elsewhere (any OpenAI-compatible peer)
+    tag: str | None = None
 
     @classmethod
     def parse(cls, text: str) -> Policy:
         name, _, arg = text.strip().partition(":")
-        if name in ("off", "adaptive") and not arg:
+        if name in ("off", "adaptive", "vllm") and not arg:
             return cls(name)
+        if name == "url":
+            tag, _, url = arg.partition("=")
+            if not tag or not url.startswith(("http://", "https://")):
+                raise ValueError(f"an outside server is url:LABEL=http://HOST:PORT, got {text!r}")
+            return cls(name, url=url.rstrip("/"), tag=tag)
         if name == "static":
             try:
                 level = float(arg)
@@ -56,11 +69,11 @@ class Policy:
             if not 0 <= level <= 1:
                 raise ValueError(f"conversion level must be in [0, 1], got {text!r}")
             return cls(name, level)
-        raise ValueError(f"unknown policy {text!r}: expected off, static:LEVEL or adaptive")
+        raise ValueError(f"unknown policy {text!r}: expected off, static:LEVEL, adaptive, vllm or url:LABEL=URL")
 
     @property
     def label(self) -> str:
-        return f"static:{self.level:g}" if self.name == "static" else self.name
+        return f"static:{self.level:g}" if self.name == "static" else self.tag or self.name
 
     def serve_args(self) -> list[str]:
         args = ["--policy", self.name]
@@ -93,7 +106,7 @@ class ManagedServer:
     def __enter__(self) -> ManagedServer:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.log = self.log_path.open("w")
-        self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT, env=os.environ.copy())
+        self.proc = self.spawn()
         deadline = time.monotonic() + self.startup_timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -105,6 +118,9 @@ class ManagedServer:
             time.sleep(0.25)
         self.__exit__(None, None, None)
         raise ReplayError(f"server not healthy after {self.startup_timeout_s:.0f} s:\n{self.log_tail()}")
+
+    def spawn(self) -> subprocess.Popen:
+        return subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT, env=os.environ.copy())
 
     def __exit__(self, *exc) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -210,6 +226,12 @@ def parse_metrics(text: str) -> dict[str, float]:
     return out
 
 
+def vllm_gauge(metrics: dict[str, float], what: str) -> float | None:
+    """vLLM's ``vllm:num_requests_{what}`` summed over its label sets (engine, model), or None."""
+    values = [v for k, v in metrics.items() if k.startswith(f"vllm:num_requests_{what}{{")]
+    return sum(values) if values else None
+
+
 def compact_sample(t: float, metrics: dict[str, float], dsla: dict | None) -> dict:
     """What the report needs from one poll: controller level, queue, memory, and each running
     sequence's own level (its DSLA layers / all layers: adaptive caps make these differ)."""
@@ -218,8 +240,8 @@ def compact_sample(t: float, metrics: dict[str, float], dsla: dict | None) -> di
     return {
         "t": t,
         "level": metrics.get("dsla_conversion_level", dsla.get("level")),
-        "queue_depth": metrics.get("dsla_queue_depth", dsla.get("queue_depth")),
-        "running": metrics.get("dsla_running_sequences"),
+        "queue_depth": metrics.get("dsla_queue_depth", dsla.get("queue_depth", vllm_gauge(metrics, "waiting"))),
+        "running": metrics.get("dsla_running_sequences", vllm_gauge(metrics, "running")),
         "kv_bytes": metrics.get("dsla_kv_cache_bytes"),
         "state_bytes": metrics.get("dsla_state_bytes"),
         "seq_levels": [round(q["dsla_layers"] / n, 4) for q in dsla.get("sequences") or [] if "dsla_layers" in q],
@@ -330,16 +352,11 @@ def level_shares(samples: list[dict]) -> dict[str, float]:
 
 
 def read_quality(path: str | Path) -> dict[float, float]:
-    """{level: perplexity} from quality.json of `dsla-serve eval quality` (its DSLA rows) or the JSON
-    of `dsla-serve eval ppl --json`."""
+    """{level: perplexity} from quality.json of `dsla-serve eval quality` or `dsla-serve eval ppl --json`."""
     try:
-        data = json.loads(Path(path).read_text())
-        rows = data["ppl_dsla"] if "ppl_dsla" in data else data["levels"]
-        return {float(r["conversion"]): float(r["ppl"]) for r in rows}
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ReplayError(
-            f"{path}: expected quality.json of `dsla-serve eval quality` or `dsla-serve eval ppl --json` ({e})"
-        ) from None
+        return read_ppl(path)
+    except ProfileError as e:
+        raise ReplayError(str(e)) from None
 
 
 def quality_cost(shares: dict[str, float], ppl: dict[float, float] | None) -> dict | None:
@@ -377,13 +394,24 @@ def warm_up(url: str, endpoint: str, model: str) -> None:
 
 def run_policy(
     policy: Policy | None, trace: Trace, prompts: list[str], prompt_tokens: list[int], *, url: str | None,
-    serve_args: list[str], log_dir: Path, slo_ttft_s: float, slo_tpot_s: float, **kw,
+    serve_args: list[str], log_dir: Path, slo_ttft_s: float, slo_tpot_s: float, peer: VllmPeer | None = None, **kw,
 ) -> dict:  # fmt: skip
     """Replay under one policy: on the given server (policy set through /v1/dsla) or a fresh one.
-    ``policy`` None leaves the server's own policy (its flags, or the state it is in)."""
+    ``policy`` None leaves the server's own policy (its flags, or the state it is in); ``vllm``
+    starts ``peer`` (a peer.VllmPeer) and records its versions and settings."""
     label = policy.label if policy else "server default"
+    peer_info = None
     with contextlib.ExitStack() as stack:
-        if url is None:
+        if policy is not None and policy.name == "vllm":
+            if url is not None:
+                raise ReplayError("the vllm policy needs its own server: drop --url and let the replay start it")
+            if peer is None:
+                raise ReplayError("the vllm policy needs peer settings (dsla_serve.bench.peer.VllmPeer)")
+            server = stack.enter_context(peer.server(log_dir / "server-vllm.log"))
+            url, peer_info = server.url, server.info
+        elif policy is not None and policy.url is not None:
+            url, peer_info = policy.url, {"url": policy.url}  # as it runs: its policy is its own
+        elif url is None:
             log = log_dir / f"server-{label.replace(':', '-').replace(' ', '-')}.log"
             url = stack.enter_context(ManagedServer((policy.serve_args() if policy else []) + serve_args, log)).url
         elif policy is not None:
@@ -391,8 +419,11 @@ def run_policy(
         kw["model"] = kw.get("model") or served_model(url)
         warm_up(url, kw.get("endpoint", "completions"), kw["model"])
         records, samples, wall = asyncio.run(replay_async(url, trace, prompts, prompt_tokens, **kw))
+        controller = None if peer_info else controller_state(url)
     return {
         "policy": label,
+        **({"peer": peer_info} if peer_info else {}),
+        **({"controller": controller} if controller else {}),
         "summary": summarize(records, wall, slo_ttft_s, slo_tpot_s),
         "level_shares": level_shares(samples),
         "samples": samples,
@@ -406,9 +437,47 @@ def compare(
 ) -> dict:  # fmt: skip
     """Replay the same requests under each policy in turn; ratios against the first policy."""
     runs = [run_policy(p, trace, prompts, prompt_tokens, **kw) for p in policies]
-    base = runs[0]["summary"]["e2e_s"]["mean"]
+    for key, name in (("e2e_s", "e2e_mean_speedup_vs_first"), ("e2e_per_output_token_s", "per_token_speedup_vs_first")):
+        base = runs[0]["summary"][key]["mean"]
+        for run in runs:
+            mean = run["summary"][key]["mean"]
+            run[name] = base / mean if base and mean else None
     for run in runs:
-        mean = run["summary"]["e2e_s"]["mean"]
-        run["e2e_mean_speedup_vs_first"] = base / mean if base and mean else None
         run["quality"] = quality_cost(run["level_shares"], ppl)
     return {"runs": runs, "baseline": runs[0]["policy"]}
+
+
+def controller_state(url: str) -> dict | None:
+    """What the server's controller ran with (policy, profile, SLO targets, quality budget) and decided."""
+    with contextlib.suppress(httpx.HTTPError, ValueError, KeyError):
+        c = httpx.get(url + "/v1/dsla", timeout=30).json()["controller"]
+        keep = ("policy", "max_conversion", "quality_budget", "quality_level", "slo", "caps", "profile", "cooldown_s")
+        return {k: c.get(k) for k in keep} | {"decisions": list(reversed(c.get("decisions") or []))}
+    return None
+
+
+def capacity(records: list[RequestRecord]) -> float:
+    """Requests per second a server completed with every request sent at once: completed over the
+    time of the last completion (the sampler's wind-down does not count)."""
+    ok = [r for r in records if r.ok]
+    if not ok:
+        raise ReplayError(f"the capacity run completed no request: {sorted({r.status for r in records})}")
+    return len(ok) / max(r.e2e_s for r in ok)
+
+
+def scale_to_utilization(
+    trace: Trace, prompts: list[str], prompt_tokens: list[int], utilization: float, **kw
+) -> tuple[Trace, dict]:  # fmt: skip
+    """The trace time-scaled so that its arrival rate is ``utilization`` times the all-attention
+    server's capacity on these same requests (measured: all sent at once, the replay's concurrency).
+    Near 1 a modest speed-up cuts latency most; far below or above it, speed matters less."""
+    url = kw.get("url")
+    before = httpx.get(url + "/v1/dsla", timeout=30).json() if url else None
+    run = run_policy(Policy("off"), all_at_once(trace), prompts, prompt_tokens, **kw)
+    if before is not None:  # a given server goes back to the policy it had
+        level = before["level"] if before["policy"] == "static" else None
+        set_policy(url, Policy(before["policy"], level))
+    rps = capacity([RequestRecord(**r) for r in run["records"]])
+    factor = utilization_scale(trace, rps, utilization)
+    info = {"target": utilization, "capacity_requests_per_s": rps, "time_scale": factor, "capacity_run": run["summary"]}
+    return scale_time(trace, factor), info

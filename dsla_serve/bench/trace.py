@@ -150,6 +150,23 @@ def scale_time(trace: Trace, factor: float) -> Trace:
     return replace(trace, requests=reqs, transforms=[*trace.transforms, f"time x{factor:g}"])
 
 
+def all_at_once(trace: Trace) -> Trace:
+    """Every request arriving at 0: a server's capacity on the trace's mix of lengths."""
+    reqs = [replace(r, arrival_s=0.0) for r in trace.requests]
+    return replace(trace, requests=reqs, transforms=[*trace.transforms, "all at once"])
+
+
+def utilization_scale(trace: Trace, capacity_rps: float, utilization: float) -> float:
+    """The ``scale_time`` factor that makes the trace's mean arrival rate ``utilization`` times a
+    server's capacity (requests per second on these requests): utilisation = arrival rate / service rate."""
+    if not capacity_rps > 0 or not utilization > 0:
+        raise TraceError(f"need a positive capacity and utilisation, got {capacity_rps} req/s and {utilization}")
+    rate = trace.stats()["rate_per_s"]
+    if not rate:
+        raise TraceError("scaling to a utilisation needs at least two requests arriving at different times")
+    return rate / (utilization * capacity_rps)
+
+
 def cap_lengths(
     trace: Trace, context: int, max_prompt: int | None = None, max_output: int | None = None, min_prompt: int = 1
 ) -> Trace:

@@ -34,6 +34,14 @@ VARIANTS = {  # name: two states, RMS read-out norm and no RoPE unless the name 
     "gla": {"config": DSLAConfig(variant="gla")},  # one state
     "dsla-tuned-qo": {"config": DSLAConfig(), "tune_qo": True},  # q_proj/o_proj fine-tuned too
     "dsla-out-gate": {"config": DSLAConfig(output_gate=True)},  # per-channel output gate from the query
+    # exact local window of W tokens (W = 0 above is the paper's DSLA), and low-rank adapters on top of it
+    **{f"dsla-w{w}": {"config": DSLAConfig(window=w)} for w in (32, 64, 128)},
+    **{f"gla-w{w}": {"config": DSLAConfig(variant="gla", window=w)} for w in (32, 64)},
+    **{
+        f"dsla-w{w}-{a}": {"config": DSLAConfig(window=w, adapter_rank=8, adapters=a)}
+        for w in (32, 64)
+        for a in ("qo", "kv", "qkvo")
+    },
 }
 
 
@@ -110,7 +118,7 @@ def _train_with_qo(hybrid, layer, problem, cfg, qo: Trainer) -> None:
         idx = torch.randint(0, N, (cfg.batch_size,), generator=gen)
         h = norm(problem.x[idx])
         q = dsla.q_proj(h).view(len(idx), T, -1, hybrid.head_dim).transpose(1, 2)
-        o, _ = dsla.attend(q, problem.k[idx], problem.v[idx], cos, sin)
+        o = dsla.attend(q, problem.k[idx], problem.v[idx], cos, sin)[0]
         loss = normalized_mse(dsla.o_proj(o), problem.target[idx])
         gates.opt.zero_grad(set_to_none=True)
         qo.step(loss)  # backward + q/o update

@@ -23,7 +23,7 @@ def resolve_data(data: str) -> str:
     return ",".join(str(cached_python_docs()) if part == PYDOC else part for part in data.split(","))
 
 
-data_app = typer.Typer(no_args_is_help=True, help="Training text: fetch the Python docs, sample the teacher.")
+data_app = typer.Typer(no_args_is_help=True, help="Training text: Python docs, multi-domain corpus, teacher samples.")
 
 
 @data_app.command("pydoc")
@@ -39,15 +39,62 @@ def data_teacher(
     model: str = typer.Option(None, help="Base model (default: embedded SmolLM2-135M-Instruct)."),
     batch: int = typer.Option(8, min=1),
     seed: int = typer.Option(0),
+    prompts_from: Path = typer.Option(
+        None, help="A `data corpus` dir: requests built from the openings of its held-in documents, every domain."
+    ),
 ) -> None:
     """Sample the all-attention model's answers to varied chat requests, as distillation text."""
-    from dsla_serve.distill.teacher import generate_samples
+    from dsla_serve.distill.data import DataError
+    from dsla_serve.distill.teacher import corpus_requests, generate_samples
     from dsla_serve.model import HybridModel, load_base
 
+    try:
+        requests = corpus_requests(prompts_from) if prompts_from else None
+    except DataError as e:
+        err.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from e
     loaded = load_base(model)
     file = generate_samples(HybridModel(loaded.model), loaded.tokenizer, tokens, out, batch=batch, seed=seed,
-                            progress=lambda have, total: err.print(f"{have}/{total} tokens"))  # fmt: skip
+                            progress=lambda have, total: err.print(f"{have}/{total} tokens"), requests=requests)  # fmt: skip
     print(file)
+
+
+@data_app.command("corpus")
+def data_corpus(
+    out: Path = typer.Option(None, help="Output dir (default: <cache dir>/data/corpus); replaced when complete."),
+    tokens: int = typer.Option(600_000, min=1, help="Training tokens per domain at weight 1 (a cap)."),
+    weight: list[str] = typer.Option([], help="DOMAIN=FACTOR on --tokens, repeatable; 0 drops a domain."),
+    val_tokens: int = typer.Option(100_000, min=1, help="Held-out tokens per domain (a cap)."),
+    val_percent: float = typer.Option(10.0, min=0.1, max=50, help="Share of documents held out (by name)."),
+    teacher: Path = typer.Option(None, help="teacher.jsonl from `data teacher`: added as the 'teacher' domain."),
+    source: list[str] = typer.Option([], help="KEY=PATH: use an already-unpacked source instead of fetching."),
+    only: str = typer.Option(None, help="Comma-separated source keys to include (default: all)."),
+    model: str = typer.Option(None, help="Whose tokenizer counts tokens (default: embedded SmolLM2-135M-Instruct)."),
+) -> None:
+    """Build the multi-domain training corpus from the package registries; print its manifest summary."""
+    from transformers import AutoTokenizer
+
+    from dsla_serve.distill.corpus import SOURCES, build_corpus, default_corpus_dir, parse_weights
+    from dsla_serve.distill.data import DataError
+    from dsla_serve.distill.sources import SourceError
+    from dsla_serve.model.loader import resolve
+
+    keys = {s.key for s in SOURCES} | {"teacher"}
+    try:
+        given = {k: Path(p) for k, _, p in (item.partition("=") for item in source)}
+        if bad := sorted(set(given) - keys) + sorted(set((only or "").split(",")) - keys - {""}):
+            raise DataError(f"unknown source keys {bad} (sources: {', '.join(sorted(keys))})")
+        manifest = build_corpus(
+            out or default_corpus_dir(), AutoTokenizer.from_pretrained(resolve(model)[0]), tokens,
+            parse_weights(weight), val_tokens, val_percent, given, teacher,
+            only.split(",") if only else None, command="dsla-serve " + shlex.join(sys.argv[1:]), log=err.print,
+        )  # fmt: skip
+    except (DataError, SourceError) as e:
+        err.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from e
+    summary = {d: {"train": v["train"], "val": v["val"]} for d, v in manifest["domains"].items()}
+    print(json.dumps({"out": str(out or default_corpus_dir()), "train_tokens": manifest["train_tokens"],
+                      "domains": summary, "manifest_sha256": manifest["manifest_sha256"]}, indent=1))  # fmt: skip
 
 
 def parse_order(text: str | None, n: int) -> tuple[list[int], str]:
@@ -124,6 +171,14 @@ def distill(
     layers: int = typer.Option(None, min=1, help="Distil only the first N layers of the order."),
     steps: int = typer.Option(300, min=0, help="Layer-local steps per layer."),
     e2e_steps: int = typer.Option(0, min=0, help="End-to-end (KL/CE) steps per layer after the local stage."),
+    e2e_scope: str = typer.Option(
+        "layer", help="e2e trains the new layer only ('layer') or every converted one ('prefix')."
+    ),
+    e2e_lr: float = typer.Option(1e-3),
+    e2e_seq_len: int = typer.Option(256, min=16),
+    window: int = typer.Option(0, min=0, help="Exact softmax window of the DSLA layers in tokens (0: paper's DSLA)."),
+    adapter_rank: int = typer.Option(0, min=0, help="Rank of the low-rank adapters of the state path (0: none)."),
+    adapters: str = typer.Option("qkvo", help="Which projections get adapters: a subset of q, k, v, o."),
     batch_size: int = typer.Option(2, min=1),
     lr: float = typer.Option(3e-3),
     seq_len: int = typer.Option(1024, min=64),
@@ -164,9 +219,11 @@ def distill(
         layer_order = order_from_scores(attention_entropy(hybrid, text.train[:4]))
     cfg = DistillConfig(
         order=layer_order[:layers] if layers else layer_order,
-        dsla=DSLAConfig(variant=variant, rope=rope, output_gate=output_gate),
+        dsla=DSLAConfig(variant=variant, rope=rope, output_gate=output_gate, window=window,
+                        adapter_rank=adapter_rank, adapters=adapters),
         weights=LossWeights(attn=w_attn, hidden=w_hidden, kl=w_kl, ce=w_ce, temperature=temperature),
-        steps=steps, e2e_steps=e2e_steps, batch_size=batch_size, lr=lr, seed=seed,
+        steps=steps, e2e_steps=e2e_steps, e2e_scope=e2e_scope, e2e_lr=e2e_lr, e2e_seq_len=e2e_seq_len,
+        batch_size=batch_size, lr=lr, seed=seed,
     )  # fmt: skip
     extra = {
         "order_source": source,

@@ -6,7 +6,9 @@ Hugging Face dataset (needs the ``datasets`` package and a network), or several 
 by commas.
 
 Offline English text on Debian machines: the reST sources of the Python documentation
-(``fetch_python_docs``; PSF licence), ~11 MB and ~2.7 M tokens.
+(``fetch_python_docs``; PSF licence), ~11 MB and ~2.7 M tokens; and a multi-domain corpus built by
+``dsla-serve data corpus`` (``corpus.py``): a directory of ``<domain>/{train,val}.jsonl`` with a
+``manifest.json``, whose own split is used as written and whose domains are interleaved by share.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ import torch
 from torch import Tensor
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst")
+CORPUS_FORMAT = "dsla-serve corpus 1"  # manifest.json "format" of a `dsla-serve data corpus` directory
+RESERVED_DIR = "reserved"  # a corpus's evaluation-only documents: never read as training text
 PYDOC_PACKAGE = "python3.11-doc"
 PYDOC_SOURCES = "usr/share/doc/python3.11/html/_sources"
 
@@ -153,6 +157,12 @@ def load_data(
     gen = torch.Generator().manual_seed(seed)
     trains, vals, count = [], [], 0
     for part in [s for s in str(source).split(",") if s]:
+        if is_corpus(part):
+            train, val, n = corpus_blocks(part, tokenizer, seq_len, gen)
+            trains.append(train)
+            vals.append(val)
+            count += n
+            continue
         docs = read_documents(part, text_field)
         count += len(docs)
         train_docs = [t for n, t in docs if not is_validation(n, val_percent)]
@@ -175,6 +185,65 @@ def interleave(parts: list[Tensor]) -> Tensor:
     """Blocks of several sources in turn (a, b, a, b, ..., then the rest of the longer ones)."""
     rows = [p[i] for i in range(max(len(p) for p in parts)) for p in parts if i < len(p)]
     return torch.stack(rows)
+
+
+def is_corpus(path: str | Path) -> bool:
+    """A directory written by ``dsla-serve data corpus`` (its manifest names the format)."""
+    manifest = Path(path).expanduser() / "manifest.json"
+    try:
+        return manifest.is_file() and json.loads(manifest.read_text()).get("format") == CORPUS_FORMAT
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return False
+
+
+def corpus_split(path: str | Path, split: str) -> dict[str, list[str]]:
+    """Texts of one split ("train" or "val") per domain of a corpus, in the manifest's domain order."""
+    path = Path(path).expanduser()
+    domains = json.loads((path / "manifest.json").read_text())["domains"]
+    out = {}
+    for domain in domains:
+        file = path / domain / f"{split}.jsonl"
+        if not file.is_file():
+            raise DataError(f"{file} is missing (the manifest lists domain {domain!r}); rebuild the corpus")
+        out[domain] = read_file(file, "text")
+    return out
+
+
+def corpus_blocks(path: str | Path, tokenizer, seq_len: int, gen: torch.Generator) -> tuple[Tensor, Tensor, int]:
+    """A corpus's train blocks (shuffled per domain, spread by share) and val blocks (domains in turn).
+
+    Spreading block i of a domain with n blocks at (i + 0.5) / n keeps every prefix of the training
+    blocks at the mixture the build's weights chose, so --train-blocks N samples all domains.
+    """
+    trains, vals, count = {}, {}, 0
+    for split, into in (("train", trains), ("val", vals)):
+        for domain, texts in corpus_split(path, split).items():
+            count += len(texts)
+            into[domain] = to_blocks(texts, tokenizer, seq_len)
+            if len(into[domain]) == 0:
+                raise DataError(f"{path}/{domain}/{split}.jsonl: too little text for one {seq_len}-token block")
+    keyed = []
+    for d, blocks in enumerate(trains.values()):
+        blocks = blocks[torch.randperm(len(blocks), generator=gen)]
+        keyed += [((i + 0.5) / len(blocks), d, blocks[i]) for i in range(len(blocks))]
+    train = torch.stack([b for *_, b in sorted(keyed, key=lambda x: x[:2])])
+    return train, interleave(list(vals.values())), count
+
+
+def corpus_val_blocks(
+    path: str | Path, tokenizer, seq_len: int, max_blocks: int, domains: list[str] | None = None
+) -> dict[str, Tensor]:
+    """Each domain's held-out blocks (N <= max_blocks, seq_len), for per-domain evaluation."""
+    out = {}
+    for domain, texts in corpus_split(path, "val").items():
+        if domains and domain not in domains:
+            continue
+        out[domain] = to_blocks(texts, tokenizer, seq_len)[:max_blocks]
+        if len(out[domain]) == 0:
+            raise DataError(f"{path}/{domain}/val.jsonl: too little text for one {seq_len}-token block")
+    if domains and (missing := sorted(set(domains) - set(out))):
+        raise DataError(f"{path} has no domains {missing} (it has {sorted(corpus_split(path, 'val'))})")
+    return out
 
 
 def cached_python_docs() -> Path:

@@ -49,7 +49,7 @@ def attention_entropy(hybrid: HybridModel, blocks: Tensor, batch_size: int = 1) 
             logp = torch.log_softmax(scores.float(), -1)
             ent = -(logp.exp() * logp.nan_to_num(neginf=0.0)).sum(-1)  # (B, Hq, T)
             totals[i] += ent[:, :, MIN_POSITION:].mean().item()
-            x = x + hybrid.mix(i, h, cos, sin, [False] * B, None)
+            x = x + hybrid.mix(i, h, cos, sin, (list(range(B)), []), None, [0] * B)
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         count += 1
     return (totals / count).tolist()

@@ -87,17 +87,51 @@ TASKS = [
 ]
 
 
-def prompts(n: int, seed: int) -> list[str]:
+CORPUS_TASKS = [
+    "Continue this text:\n\n{s}",
+    "Here is the beginning of a document. Continue it in the same style.\n\n{s}",
+    "Explain what the following is about, then continue it:\n\n{s}",
+]
+
+
+def prompts(n: int, seed: int, requests: list[str] | None = None) -> list[str]:
     rng = random.Random(seed)
+    if requests:
+        return [rng.choice(requests) for _ in range(n)]
     return [rng.choice(TASKS).format(s=rng.choice(SUBJECTS)) for _ in range(n)]
+
+
+def opening(text: str, max_chars: int = 300) -> str:
+    """The first sentence(s) of a document, up to ``max_chars``, cut at a sentence or line end."""
+    head = text[:max_chars]
+    cut = max(head.rfind(". "), head.rfind(".\n"), head.rfind("\n"))
+    return (head[: cut + 1] if cut > 40 else head).strip()
+
+
+def corpus_requests(corpus_dir: Path, per_domain: int = 200) -> list[str]:
+    """Chat requests from the openings of a corpus's held-in documents, the same number per domain."""
+    from dsla_serve.distill.data import DataError, corpus_split, is_corpus
+
+    if not is_corpus(corpus_dir):
+        raise DataError(f"{corpus_dir} is not a `dsla-serve data corpus` directory (no manifest.json)")
+    out = []
+    for domain, texts in corpus_split(corpus_dir, "train").items():
+        if domain == "teacher":
+            continue  # the teacher's own samples are not prompts
+        for i, text in enumerate(texts[:per_domain]):
+            out.append(CORPUS_TASKS[i % len(CORPUS_TASKS)].format(s=opening(text)))
+    return out
 
 
 @torch.no_grad()
 def generate_samples(
     model: HybridModel, tokenizer, tokens: int, out: Path, batch: int = 8, max_new: int = 400,
-    temperature: float = 0.8, top_p: float = 0.95, seed: int = 0, progress=None,
+    temperature: float = 0.8, top_p: float = 0.95, seed: int = 0, progress=None, requests: list[str] | None = None,
 ) -> Path:  # fmt: skip
-    """Append teacher samples to ``out``/teacher.jsonl until it holds about ``tokens`` tokens."""
+    """Append teacher samples to ``out``/teacher.jsonl until it holds about ``tokens`` tokens.
+
+    ``requests``: user messages to draw from (e.g. ``corpus_requests``) instead of the built-in tasks.
+    """
     out.mkdir(parents=True, exist_ok=True)
     file = out / "teacher.jsonl"
     have = sum(json.loads(line)["tokens"] for line in file.read_text().splitlines()) if file.is_file() else 0
@@ -107,7 +141,7 @@ def generate_samples(
     while have < tokens:
         texts = [
             tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-            for p in prompts(batch, seed * 100003 + have + round_)
+            for p in prompts(batch, seed * 100003 + have + round_, requests)
         ]
         cache = HybridCache([model.new_cache([], capacity=512 + max_new) for _ in texts])
         last = []

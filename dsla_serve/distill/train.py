@@ -59,6 +59,7 @@ class DistillConfig:
     e2e_steps: int = 0  # end-to-end steps per layer (KL/CE); 0 = layer-local only
     e2e_seq_len: int = 256
     e2e_lr: float = 1e-3
+    e2e_scope: str = "layer"  # "layer": only the new layer trains end to end; "prefix": every converted layer
     seed: int = 0
     bf16_frozen: bool = True  # frozen forwards (inputs, teacher, perplexity) under bfloat16 autocast on CPU
 
@@ -70,6 +71,8 @@ class DistillConfig:
                 raise ValueError(f"{name} must be >= 0")
         if self.batch_size < 1 or self.lr <= 0 or self.e2e_lr <= 0:
             raise ValueError("batch_size must be >= 1 and learning rates > 0")
+        if self.e2e_scope not in ("layer", "prefix"):
+            raise ValueError(f"e2e_scope must be 'layer' or 'prefix', got {self.e2e_scope!r}")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -172,10 +175,12 @@ def train_local(
     if problem.teacher_out is not None:  # scale of the teacher's own update at this layer
         hidden_scale = (problem.teacher_out.float() - problem.x).pow(2).mean().clamp(min=1e-6)
     history = []
+    norm = decoder.input_layernorm
     for step in range(cfg.steps):
         idx = torch.randint(0, N, (min(cfg.batch_size, N),), generator=gen)
-        o, _ = dsla.attend(problem.q[idx], problem.k[idx], problem.v[idx], cos, sin)
-        out = dsla.o_proj(o)
+        h = norm(problem.x[idx]) if "q" in dsla.adapters else None
+        o = dsla.attend(problem.q[idx], problem.k[idx], problem.v[idx], cos, sin, hidden=h)[0]
+        out = dsla.output(o)
         terms = {}
         if w.attn:
             terms["attn"] = normalized_mse(out, problem.target[idx])
@@ -195,18 +200,26 @@ def train_e2e(
     hybrid: HybridModel, layer: int, plan: list[int], blocks: Tensor, cfg: DistillConfig, gen: torch.Generator,
     report: Callable[[int, dict[str, float]], None], accelerator=None,
 ) -> list[dict[str, float]]:  # fmt: skip
-    """End-to-end stage on short prefixes: KL to the all-attention teacher's logits and next-token CE."""
-    dsla = hybrid.dsla(layer)
+    """End-to-end stage on short prefixes: KL to the all-attention teacher's logits and next-token CE.
+
+    ``e2e_scope="layer"`` trains the new layer (the model runs from it on); "prefix" trains every
+    converted layer of the chain so far (the whole model runs with autograd).
+    """
     w = cfg.weights
-    trainer = Trainer(list(dsla.dsla_parameters().values()), cfg.e2e_lr, cfg.e2e_steps, accelerator)
+    trained = [layer] if cfg.e2e_scope == "layer" else [*plan, layer]
+    params = [p for i in trained for p in hybrid.dsla(i).dsla_parameters().values()]
+    for p in params:
+        p.requires_grad_(True)
+    trainer = Trainer(params, cfg.e2e_lr, cfg.e2e_steps, accelerator)
+    start_at = min(trained)
     history = []
     for step in range(cfg.e2e_steps):
         idx = torch.randint(0, len(blocks), (min(cfg.batch_size, len(blocks)),), generator=gen)
         ids = blocks[idx, : cfg.e2e_seq_len].to(hybrid.device)
         with torch.no_grad(), frozen_context(cfg.bf16_frozen):
             teacher, _ = hybrid(ids, dsla_layers=[])
-            x, _ = hybrid(ids, dsla_layers=plan, stop_at=layer)
-        logits, _ = hybrid(None, dsla_layers=[*plan, layer], start_at=layer, start_hidden=x.float())
+            x, _ = hybrid(ids, dsla_layers=plan, stop_at=start_at)
+        logits, _ = hybrid(None, dsla_layers=[*plan, layer], start_at=start_at, start_hidden=x.float())
         terms = {}
         if w.kl:
             terms["kl"] = kl_to_teacher(logits, teacher, w.temperature)
@@ -304,16 +317,18 @@ def distill(
         local = train_local(hybrid, layer, problem, cfg, gen, stage("local", cfg.steps), accelerator)
         del problem
         e2e = train_e2e(hybrid, layer, plan, data.train, cfg, gen, stage("e2e", cfg.e2e_steps), accelerator)
-        for p in dsla.parameters():
-            p.requires_grad_(False)
+        for i in [*plan, layer]:
+            for p in hybrid.dsla(i).parameters():
+                p.requires_grad_(False)
         ppl = perplexity(hybrid, data.val, [*plan, layer], bf16=cfg.bf16_frozen)
         chain.append({
             "step": j, "layer": layer, "local": summarize(local), "e2e": summarize(e2e),
             "val_ppl": ppl, "val_ppl_ratio": ppl / teacher_ppl, "seconds": time.perf_counter() - start,
         })  # fmt: skip
         report(f"layer {layer} done", j + 1, len(cfg.order), {"val_ppl": ppl, "ratio": ppl / teacher_ppl})
-        if is_main:
-            save_dsla(out, base, [layer], extra={**header, "chain": chain})
+        if is_main:  # an end-to-end stage over the prefix changed the earlier layers too
+            saved = [*plan, layer] if cfg.e2e_scope == "prefix" and cfg.e2e_steps else [layer]
+            save_dsla(out, base, saved, extra={**header, "chain": chain})
         if accelerator is not None:
             accelerator.wait_for_everyone()
     return json.loads((out / MANIFEST).read_text()) if (out / MANIFEST).is_file() else {**header, "chain": chain}

@@ -1,4 +1,4 @@
-"""Perplexity on held-out text, per conversion level.
+"""Perplexity on held-out text, per conversion level (and per domain for a `data corpus` directory).
 
 dsla-serve eval ppl --data DIR --seq-len 1024 --conversion 0,0.25,0.5,0.75,1 --json
 """
@@ -50,3 +50,19 @@ def perplexity_by_level(
     for row in rows:
         row["ratio_to_attention"] = row["ppl"] / teacher
     return rows
+
+
+def perplexity_by_domain(
+    hybrid: HybridModel, blocks: dict[str, Tensor], order: list[int], levels: list[float], bf16: bool = False
+) -> dict:
+    """``perplexity_by_level`` on each domain's blocks, plus the geometric mean of the per-domain ratios.
+
+    The geometric mean weighs every domain equally whatever its perplexity scale (code vs prose).
+    """
+    domains = {d: {"tokens": b.numel(), "levels": perplexity_by_level(hybrid, b, order, levels, bf16)}
+               for d, b in blocks.items()}  # fmt: skip
+    geomean = []
+    for i, level in enumerate(levels):
+        logs = [math.log(r["levels"][i]["ratio_to_attention"]) for r in domains.values()]
+        geomean.append({"conversion": level, "geomean_ratio_to_attention": math.exp(sum(logs) / len(logs))})
+    return {"domains": domains, "geomean": geomean}

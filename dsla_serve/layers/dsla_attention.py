@@ -6,7 +6,11 @@ converted layer costs no extra weights) and adds:
 - two gate projections (far = history, close = recency) producing per-channel log-decays
   ``g = max(logsigmoid(W [k; v] + b) / 16, GATE_MIN)`` for every KV head;
 - mixing logits ``alpha`` (one (far, close) pair per query head), w = softmax(alpha);
-- a per-channel output gain, because each state's read-out is RMS-normalised.
+- a per-channel output gain, because each state's read-out is RMS-normalised;
+- optionally (``window = W > 0``) an exact softmax window over the last W tokens, with RoPE as the
+  replaced attention applies it, and a per-head logit ``beta`` mixing its read-out with the states'.
+  Tokens enter the states only when they leave the window, so a sequence shorter than W gets the
+  replaced attention's output exactly, and a converted layer caches W keys/values + two states.
 
 NOTE(decisions):
 - Gates read the layer's own keys (before RoPE) and values rather than the hidden state. Those are
@@ -38,6 +42,18 @@ def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     half = x.shape[-1] // 2
     rotated_half = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated_half * sin
+
+
+class LowRank(nn.Module):
+    """x -> B·A·x with B zero-initialised, so an adapter starts as a no-op."""
+
+    def __init__(self, n_in: int, n_out: int, rank: int, dtype: torch.dtype):
+        super().__init__()
+        self.A = nn.Parameter(torch.randn(rank, n_in, dtype=dtype) * n_in**-0.5)
+        self.B = nn.Parameter(torch.zeros(n_out, rank, dtype=dtype))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(F.linear(x, self.A), self.B)
 
 
 def gate_bias(half_life: tuple[float, float], n: int, normalizer: float) -> Tensor:
@@ -81,6 +97,14 @@ class DSLAAttention(nn.Module):
         else:  # single state: far gate only, all weight on it
             self.gate_close = None
             self.register_buffer("alpha", torch.tensor([0.0, -math.inf]), persistent=False)
+        if c.window:  # logit of the exact window's read-out beside the states' (far, close)
+            self.beta = nn.Parameter(torch.full((self.num_heads,), c.window_logit))
+        # Low-rank adapters of the state path. q and o read the layer's input and output (q is never
+        # cached); k and v act on k and v themselves, so an adapted layer still folds a KV cache exactly.
+        # The window keeps the replaced attention's own q/k/v.
+        hidden, q_dim, r = model_config.hidden_size, self.num_heads * self.head_dim, c.adapter_rank
+        shapes = {"q": (hidden, q_dim), "k": (kv_dim, kv_dim), "v": (kv_dim, kv_dim), "o": (q_dim, hidden)}
+        self.adapters = nn.ModuleDict({a: LowRank(*shapes[a], r, dtype) for a in c.adapters if r})
         self.reset_gates()
 
     @torch.no_grad()
@@ -106,35 +130,121 @@ class DSLAAttention(nn.Module):
         v = self.v_proj(hidden_states).view(B, T, -1, self.head_dim).transpose(1, 2)
         return q, k, v
 
+    def adapt(self, name: str, x: Tensor) -> Tensor:
+        """x + adapter(x) over the flattened heads of x (B, H, T, D); x itself without that adapter."""
+        if name not in self.adapters:
+            return x
+        B, H, T, D = x.shape
+        flat = x.transpose(1, 2).reshape(B, T, H * D)
+        return x + self.adapters[name](flat).view(B, T, H, D).transpose(1, 2)
+
+    def state_query(self, q: Tensor, hidden: Tensor | None) -> Tensor:
+        """The query the states read: q (B, Hq, T, D) plus the q adapter of the layer input hidden (B, T, hidden)."""
+        if "q" not in self.adapters:
+            return q
+        if hidden is None:
+            raise ValueError("this layer has a q adapter: pass the layer input (hidden)")
+        B, _, T, D = q.shape
+        return q + self.adapters["q"](hidden).view(B, T, -1, D).transpose(1, 2)
+
+    def output(self, o: Tensor) -> Tensor:
+        """o_proj of the mixed read-out (B, T, Hq*D), plus the o adapter."""
+        out = self.o_proj(o)
+        return out + self.adapters["o"](o) if "o" in self.adapters else out
+
     def gates(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Log-decays (B, Hkv, T, D) of both states from un-rotated keys and values (B, Hkv, T, D)."""
         B, H, T, D = k.shape
         x = torch.cat((k, v), dim=-1).transpose(1, 2).reshape(B, T, 2 * H * D)
-        out = []
-        for gate in (self.gate_far, self.gate_close) if self.gate_close is not None else (self.gate_far,):
-            g = F.logsigmoid(gate(x).float()) / self.config.gate_normalizer
-            out.append(g.clamp(min=GATE_MIN).view(B, T, H, D).transpose(1, 2))
-        return out[0], out[-1]
+        weight, bias = self.gate_weights()
+        g = (F.logsigmoid(F.linear(x, weight, bias).float()) / self.config.gate_normalizer).clamp(min=GATE_MIN)
+        g = g.view(B, T, -1, H, D).permute(2, 0, 3, 1, 4)  # (1 or 2, B, H, T, D)
+        return g[0], g[-1]
+
+    def gate_weights(self) -> tuple[Tensor, Tensor]:
+        """Both gates' weights stacked, so one matmul makes both; cached while the weights do not change."""
+        parts = (self.gate_far,) if self.gate_close is None else (self.gate_far, self.gate_close)
+        if torch.is_grad_enabled() and any(p.requires_grad for m in parts for p in m.parameters()):
+            return torch.cat([m.weight for m in parts]), torch.cat([m.bias for m in parts])
+        key = tuple((id(p), p.data_ptr(), p._version) for m in parts for p in m.parameters())
+        if getattr(self, "_gate_cache", (None,))[0] != key:
+            self._gate_cache = (key, torch.cat([m.weight for m in parts]), torch.cat([m.bias for m in parts]))
+        return self._gate_cache[1], self._gate_cache[2]
 
     def attend(
-        self, q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, state: StatePair | None = None
-    ) -> tuple[Tensor, StatePair]:
-        """Projected, un-rotated q/k/v -> output before o_proj (B, T, Hq*D) and the new state pair."""
+        self, q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, state: StatePair | None = None,
+        prefix: tuple[Tensor, Tensor, Tensor, Tensor] | None = None, hidden: Tensor | None = None,
+    ) -> tuple[Tensor, StatePair, tuple[Tensor, Tensor]]:  # fmt: skip
+        """Projected, un-rotated q/k/v (B, H, T, D) -> output before o_proj (B, T, Hq*D), the new state
+        pair and the new window (rotated keys, values), each (B, Hkv, min(W, P + T), D).
+
+        ``prefix``: the window a cached sequence holds, (rotated keys, values, cos, sin) of its last
+        P = min(W, length) tokens in position order; ``state`` covers every older token.
+        ``hidden``: the layer input (B, T, hidden), needed by a q adapter.
+        """
         B, _, T, _ = q.shape
-        g_far, g_close = self.gates(k, v)
-        scale = self.gain[:, None, :]  # (Hq, 1, D)
-        if self.config.output_gate:  # (B, Hq, T, D), from the un-rotated query of each token
-            scale = scale * 2 * torch.sigmoid(self.out_gate(q) + self.out_gate_bias[:, None, :])
-        if self.config.rope:
-            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
-        kernel = step_dsla if T == 1 else chunk_dsla
-        extra = {} if T == 1 else {"chunk_size": self.config.chunk_size}
-        o, state = kernel(
-            q, k, v, g_far, g_close, self.alpha,
-            normalize=self.config.normalize, eps=self.config.eps, initial_state=state, **extra,
+        W = self.config.window
+        q_rot, k_rot = rotate(q, cos, sin), rotate(k, cos, sin)
+        v_win = v
+        if prefix is not None and prefix[0].shape[2]:
+            pk_rot, pv, pcos, psin = prefix
+            pk = rotate(pk_rot, pcos, -psin)  # the states and gates read un-rotated keys
+            k, v_win, k_rot = torch.cat((pk, k), 2), torch.cat((pv, v), 2), torch.cat((pk_rot, k_rot), 2)
+            cos, sin = torch.cat((pcos, cos), 1), torch.cat((psin, sin), 1)
+        k_s, v_s = self.adapt("k", k), self.adapt("v", v_win)  # the states' keys and values
+        g_far, g_close = self.gates(k_s, v_s)
+        q_s = self.state_query(q, hidden)
+        q_state, k_state = (
+            (rotate(q_s, cos[:, -T:], sin[:, -T:]), rotate(k_s, cos, sin)) if self.config.rope else (q_s, k_s)
+        )
+        o, state = chunk_dsla(
+            q_state, k_state, v_s, g_far, g_close, self.alpha, normalize=self.config.normalize, eps=self.config.eps,
+            initial_state=state, gain=self.gain, window=W, q_rot=q_rot, k_rot=k_rot, beta=self.window_logit(),
+            window_values=v_win, chunk_size=self.config.chunk_size,
         )  # fmt: skip
-        o = o * scale
-        return o.transpose(1, 2).reshape(B, T, -1), state
+        if self.config.output_gate:  # (B, Hq, T, D), from the un-rotated query of each token
+            o = o * (2 * torch.sigmoid(self.out_gate(q) + self.out_gate_bias[:, None, :]))
+        keep = k_rot.shape[2] - min(W, k_rot.shape[2])
+        return o.transpose(1, 2).reshape(B, T, -1), state, (k_rot[:, :, keep:], v_win[:, :, keep:])
+
+    def step(
+        self, q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, state: Tensor,
+        window: tuple[Tensor, Tensor, Tensor] | None = None,
+        leaving: tuple[Tensor, Tensor, Tensor, Tensor, Tensor] | None = None, hidden: Tensor | None = None,
+    ) -> Tensor:  # fmt: skip
+        """One decode token for a batch; returns the output before o_proj (B, 1, Hq*D).
+
+        ``state`` (B, 2, Hkv, K, V) float32 is updated in place.
+
+        q (B, Hq, 1, D), k/v (B, Hkv, 1, D) un-rotated. With a window: ``window`` = (rotated keys, values,
+        valid) as ring buffers (B, Hkv, W, D), (B, Hkv, W, D), (B, W) holding the new token already, and
+        ``leaving`` = (rotated key, value, cos, sin, present) of the token leaving the window, (B, Hkv, 1, D)
+        twice, (B, 1, D) twice and (B,) bool: it enters the states now.
+        """
+        B = q.shape[0]
+        q_rot = rotate(q, cos, sin)
+        if window is None:
+            k_in, v_in, enters = self.adapt("k", k), self.adapt("v", v), None
+            kcos, ksin = cos, sin
+        else:
+            lk_rot, lv, kcos, ksin, enters = leaving
+            k_in, v_in = self.adapt("k", rotate(lk_rot, kcos, -ksin)), self.adapt("v", lv)
+        g_far, g_close = self.gates(k_in, v_in)
+        q_state = self.state_query(q, hidden)
+        if self.config.rope:
+            q_state, k_in = rotate(q_state, cos, sin), rotate(k_in, kcos, ksin)
+        o, _ = step_dsla(
+            q_state, k_in, v_in, g_far, g_close, self.alpha, normalize=self.config.normalize, eps=self.config.eps,
+            state_buffer=state, gain=self.gain, enters=enters, q_rot=q_rot, beta=self.window_logit(),
+            window_keys=None if window is None else window[0], window_values=None if window is None else window[1],
+            window_valid=None if window is None else window[2],
+        )  # fmt: skip
+        if self.config.output_gate:
+            o = o * (2 * torch.sigmoid(self.out_gate(q) + self.out_gate_bias[:, None, :]))
+        return o.transpose(1, 2).reshape(B, 1, -1)
+
+    def window_logit(self) -> Tensor | None:
+        return self.beta if self.config.window else None
 
     def forward(
         self,
@@ -156,22 +266,28 @@ class DSLAAttention(nn.Module):
         if position_embeddings is None:
             raise ValueError("DSLAAttention needs position_embeddings (cos, sin) like LlamaAttention")
         q, k, v = self.project(hidden_states)
-        o, _ = self.attend(q, k, v, *position_embeddings)
-        return self.o_proj(o), None
+        o = self.attend(q, k, v, *position_embeddings, hidden=hidden_states)[0]
+        return self.output(o), None
 
     @torch.no_grad()
-    def fold_kv_cache(self, keys: Tensor, values: Tensor, cos: Tensor, sin: Tensor) -> StatePair:
-        """The state pair a DSLA prefill of the cached tokens would have built, from their KV cache.
+    def fold_kv_cache(
+        self, keys: Tensor, values: Tensor, cos: Tensor, sin: Tensor
+    ) -> tuple[StatePair, tuple[Tensor, Tensor]]:
+        """The state pair and window a DSLA prefill of the cached tokens would have built, from their KV cache.
 
         keys: (B, Hkv, L, D) as cached by attention (after RoPE); values: (B, Hkv, L, D);
-        cos/sin: (B, L, D) for positions 0..L-1.
+        cos/sin: (B, L, D) for positions 0..L-1. The last W tokens stay exact as the window; older
+        ones fold into the states.
         """
-        k = rotate(keys, cos, -sin)  # undo RoPE: the gates read un-rotated keys
-        g_far, g_close = self.gates(k, values)
-        k_state = keys if self.config.rope else k
-        B, H, L, D = keys.shape  # the read-out is discarded: a zero query, any mixing
-        _, state = chunk_dsla(
-            keys.new_zeros(B, H, L, D), k_state, values, g_far, g_close, keys.new_zeros(2),
+        B, _, L, D = keys.shape
+        n = max(L - self.config.window, 0)
+        window = (keys[:, :, n:].clone(), values[:, :, n:].clone())
+        k = rotate(keys[:, :, :n], cos[:, :n], -sin[:, :n])  # undo RoPE: the gates read un-rotated keys
+        k, v = self.adapt("k", k), self.adapt("v", values[:, :, :n])
+        g_far, g_close = self.gates(k, v)
+        k_state = rotate(k, cos[:, :n], sin[:, :n]) if self.config.rope else k
+        _, state = chunk_dsla(  # the read-out is discarded: a zero query, any mixing
+            keys.new_zeros(B, self.num_heads, n, D), k_state, v, g_far, g_close, keys.new_zeros(2),
             normalize=self.config.normalize, chunk_size=self.config.chunk_size,
         )  # fmt: skip
-        return state
+        return state, window

@@ -8,6 +8,11 @@ group that share the q/k/v/o projections. Without a cache, one plan applies to t
 
 The forward reuses the base model's modules (embedding, norms, MLPs, rotary embedding, lm_head)
 and owns only the per-layer token mixing, so its logits equal the Hugging Face forward's (tested).
+
+Hot path (decode): q/k/v come from one fused projection per layer; the plan groups of a step are
+computed once for all layers; a DSLA layer steps the whole group's pooled states in place; attention
+decode views each KV group's G query heads as G query rows (one SDPA per sequence without the
+grouped-query expansion, measured 7x faster at 8192 cached keys than ``enable_gqa``).
 """
 
 from __future__ import annotations
@@ -17,10 +22,40 @@ from collections.abc import Iterable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention.bias import causal_lower_right
 
 from dsla_serve.layers import DSLAAttention, rotate
-from dsla_serve.model.cache import HybridCache, KVLayer, SequenceCache, StateLayer
+from dsla_serve.model.cache import HybridCache, KVLayer, SequenceCache, StateLayer, StatePool
 from dsla_serve.model.convert import check_layers, converted_layers, decoder_layers, original_attention
+
+
+def fuse_linears(linears: list[nn.Module]) -> nn.Module:
+    """One module computing the concatenated outputs of ``linears`` (same input, same kind).
+
+    Quantised linears are re-quantised from their dequantised weights: per-output-channel (int8) and
+    per-group (int4) codes of a concatenation are the parts' own codes, so the result computes the same.
+    """
+    from dsla_serve.model.quant import QUANTIZERS
+
+    weight = torch.cat([m.weight for m in linears])
+    biases = [getattr(m, "bias", None) for m in linears]
+    bias = (
+        torch.cat(
+            [b if b is not None else weight.new_zeros(m.weight.shape[0]) for b, m in zip(biases, linears, strict=True)]
+        )
+        if any(b is not None for b in biases)
+        else None
+    )
+    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, dtype=weight.dtype, device=weight.device)
+    with torch.no_grad():
+        fused.weight.copy_(weight)
+        if bias is not None:
+            fused.bias.copy_(bias)
+    fused.requires_grad_(False)
+    for cls, _ in QUANTIZERS.values():
+        if isinstance(linears[0], cls):
+            return cls(fused)
+    return fused
 
 
 class HybridModel(nn.Module):
@@ -37,6 +72,9 @@ class HybridModel(nn.Module):
         self.num_heads = self.config.num_attention_heads
         self.num_kv_heads = self.config.num_key_value_heads
         self.head_dim = getattr(self.config, "head_dim", None) or self.config.hidden_size // self.num_heads
+        self.pools: dict[int, StatePool] = {}
+        self._fused: dict[int, tuple[tuple, nn.Module]] = {}
+        self._groups: dict[tuple, list[tuple[list[int], list[int]]]] = {}
 
     @property
     def dsla_layers(self) -> list[int]:
@@ -57,14 +95,26 @@ class HybridModel(nn.Module):
             raise ValueError(f"layer {i} has no DSLA weights (available: {self.dsla_layers})")
         return m
 
+    def pool(self, i: int) -> StatePool:
+        """Layer i's state pool (made on first use; rebuilt if the layer's window changed)."""
+        W = self.dsla(i).config.window
+        if i not in self.pools or self.pools[i].window != W or self.pools[i].dtype != self.dtype:
+            self.pools[i] = StatePool(self.num_kv_heads, self.head_dim, W, self.dtype, self.device)
+        return self.pools[i]
+
     def new_cache(self, dsla_layers: Iterable[int] = (), capacity: int = 256) -> SequenceCache:
         """An empty cache for one sequence running DSLA at ``dsla_layers`` (each must be available)."""
         plan = check_layers(self.base, dsla_layers)
-        for i in plan:
-            self.dsla(i)
+        pools = {i: self.pool(i) for i in plan}
         return SequenceCache.create(
-            self.num_layers, plan, self.num_kv_heads, self.head_dim, capacity, self.dtype, self.device
+            self.num_layers, plan, pools, self.num_kv_heads, self.head_dim, capacity, self.dtype, self.device
         )
+
+    @property
+    def window(self) -> int:
+        """The DSLA layers' exact window (0 without DSLA weights)."""
+        layers = self.dsla_layers
+        return self.dsla(layers[0]).config.window if layers else 0
 
     def cache_bytes_per_token(self, dsla_layers: Iterable[int] = ()) -> int:
         """KV bytes one more token costs a sequence with this plan (DSLA layers cost none)."""
@@ -72,7 +122,29 @@ class HybridModel(nn.Module):
         return 2 * n_attn * self.num_kv_heads * self.head_dim * self.dtype.itemsize
 
     def state_bytes(self, dsla_layers: Iterable[int] = ()) -> int:
-        return 2 * len(set(dsla_layers)) * self.num_kv_heads * self.head_dim**2 * 4
+        """Bytes of a DSLA layer's slot (two float32 states + the window's keys/values), times the layers."""
+        per_layer = 2 * self.num_kv_heads * self.head_dim**2 * 4
+        per_layer += 2 * self.window * self.num_kv_heads * self.head_dim * self.dtype.itemsize
+        return len(set(dsla_layers)) * per_layer
+
+    def pool_bytes(self) -> int:
+        """Bytes every state pool holds, free slots included: what DSLA caches really occupy."""
+        return sum(p.nbytes() for p in self.pools.values())
+
+    def trim_pools(self) -> None:
+        for p in self.pools.values():
+            p.trim()
+
+    def qkv(self, i: int) -> nn.Module:
+        """Layer i's q, k and v projections fused into one (rebuilt when the projections change)."""
+        attn = original_attention(self.base, i)
+        parts = [attn.q_proj, attn.k_proj, attn.v_proj]
+        key = tuple(
+            (id(m), m.weight.data_ptr(), m.weight._version) if isinstance(m, nn.Linear) else (id(m),) for m in parts
+        )
+        if i not in self._fused or self._fused[i][0] != key:
+            self._fused[i] = (key, fuse_linears(parts))
+        return self._fused[i][1]
 
     def forward(
         self,
@@ -89,7 +161,7 @@ class HybridModel(nn.Module):
 
         Without ``cache`` every sequence runs DSLA at ``dsla_layers`` (default: all available) and
         autograd works. With ``cache`` each sequence follows its own cache's plan, continues from its
-        cached length, and the cache is updated in place. ``logits_for``: "all", "last" or "none".
+        cached length, and the cache is updated in place. ``logits_for``: "all", "last", "none" or "hidden".
         ``stop_at=i`` returns instead the residual stream entering layer i (B, T, hidden) and no logits;
         ``start_at=i`` with ``start_hidden`` (that stream) runs layers i.. only (cache-free forwards).
         """
@@ -100,11 +172,13 @@ class HybridModel(nn.Module):
         if cache is not None:
             if len(cache) != B:
                 raise ValueError(f"cache holds {len(cache)} sequences for a batch of {B}")
-            starts = torch.tensor([s.length for s in cache.sequences], device=device)
-            plans = [s.dsla_layers for s in cache.sequences]
+            lengths = [s.length for s in cache.sequences]
+            starts = torch.tensor(lengths, device=device)
+            groups = self.groups([s.dsla_layers for s in cache.sequences])
         else:
             plan = frozenset(self.dsla_layers if dsla_layers is None else check_layers(self.base, dsla_layers))
-            starts, plans = torch.zeros(B, dtype=torch.long, device=device), [plan] * B
+            starts, lengths = torch.zeros(B, dtype=torch.long, device=device), [0] * B
+            groups = [([], list(range(B))) if i in plan else (list(range(B)), []) for i in range(self.num_layers)]
         positions = starts[:, None] + torch.arange(T, device=device)  # (B, T)
         x = self.embed_tokens(input_ids) if start_hidden is None else start_hidden
         cos, sin = self.rotary_emb(x, positions)  # (B, T, D) each
@@ -116,7 +190,7 @@ class HybridModel(nn.Module):
             if i == stop_at:
                 return x, hidden
             h = layer.input_layernorm(x)
-            x = x + self.mix(i, h, cos, sin, [i in p for p in plans], cache)
+            x = x + self.mix(i, h, cos, sin, groups[i], cache, lengths)
             x = x + layer.mlp(layer.post_attention_layernorm(x))
             if i in keep:
                 hidden[i] = x
@@ -125,74 +199,131 @@ class HybridModel(nn.Module):
                 s.length += T
         if logits_for == "none":
             return x.new_empty(0), hidden
+        if logits_for == "hidden":  # the normalised final states (B, T, hidden): the caller applies lm_head
+            return self.norm(x), hidden
         if logits_for == "last":
             x = x[:, -1:]
         return self.lm_head(self.norm(x)), hidden
 
+    def groups(self, plans: list[frozenset[int]]) -> list[tuple[list[int], list[int]]]:
+        """Per layer, the batch rows running attention and those running DSLA (memoised per step's plans)."""
+        key = tuple(plans)
+        if key not in self._groups:
+            if len(self._groups) > 256:
+                self._groups.clear()
+            self._groups[key] = [
+                ([b for b, p in enumerate(plans) if i not in p], [b for b, p in enumerate(plans) if i in p])
+                for i in range(self.num_layers)
+            ]
+        return self._groups[key]
+
     def mix(
-        self, i: int, h: Tensor, cos: Tensor, sin: Tensor, use_dsla: list[bool], cache: HybridCache | None
-    ) -> Tensor:
+        self, i: int, h: Tensor, cos: Tensor, sin: Tensor, group: tuple[list[int], list[int]],
+        cache: HybridCache | None, lengths: list[int],
+    ) -> Tensor:  # fmt: skip
         """Token mixing of layer i for the batch h (B, T, hidden): attention or DSLA per sequence."""
         attn = original_attention(self.base, i)
         B, T, _ = h.shape
-        q = attn.q_proj(h).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, Hq, T, D)
-        k = attn.k_proj(h).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        v = attn.v_proj(h).view(B, T, -1, self.head_dim).transpose(1, 2)
-        groups = {flag: [b for b in range(B) if use_dsla[b] == flag] for flag in (False, True)}
-        if not groups[True]:
-            out = self.attend(i, q, k, v, cos, sin, cache, range(B))
-        elif not groups[False]:
-            out = self.attend_dsla(i, q, k, v, cos, sin, cache, range(B))
-        else:
-            out = h.new_empty(B, T, self.num_heads * self.head_dim)
-            for flag, rows in groups.items():
-                if rows:
-                    idx = torch.tensor(rows, device=h.device)
-                    parts = (t.index_select(0, idx) for t in (q, k, v, cos, sin))
-                    run = self.attend_dsla if flag else self.attend
-                    out[idx] = run(i, *parts, cache, rows)
-        return attn.o_proj(out)
+        Hq, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = self.qkv(i)(h)
+        q = qkv[..., : Hq * D].view(B, T, Hq, D).transpose(1, 2)  # (B, Hq, T, D)
+        k = qkv[..., Hq * D : (Hq + Hkv) * D].view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
+        v = qkv[..., (Hq + Hkv) * D :].view(B, T, Hkv, D).transpose(1, 2)
+        attn_rows, dsla_rows = group
+        if not dsla_rows:
+            return attn.o_proj(self.attend(i, q, k, v, cos, sin, cache, attn_rows))
+        if not attn_rows:
+            return self.dsla(i).output(self.attend_dsla(i, q, k, v, cos, sin, cache, dsla_rows, lengths, h))
+        out = h.new_empty(B, T, h.shape[-1])
+        for rows, is_dsla in ((attn_rows, False), (dsla_rows, True)):
+            idx = torch.tensor(rows, device=h.device)
+            parts = [t.index_select(0, idx) for t in (q, k, v, cos, sin)]
+            if is_dsla:
+                o = self.attend_dsla(i, *parts, cache, rows, lengths, h.index_select(0, idx))
+                out[idx] = self.dsla(i).output(o)
+            else:
+                out[idx] = attn.o_proj(self.attend(i, *parts, cache, rows))
+        return out
 
     def attend(self, i, q, k, v, cos, sin, cache: HybridCache | None, rows) -> Tensor:
         """Softmax attention with RoPE; appends to each sequence's KV cache. Returns (B, T, Hq*D)."""
-        B, _, T, _ = q.shape
+        B, Hq, T, D = q.shape
+        Hkv = self.num_kv_heads
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         if cache is None:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=True)
-        else:
-            outs = []
-            for b, row in enumerate(rows):
-                layer = cache[row].layers[i]
-                assert isinstance(layer, KVLayer)
-                past = layer.length
-                keys, values = layer.append(k[b], v[b])
-                if past == 0 or T == 1:
-                    mask, causal = None, T > 1
-                else:  # chunked prefill: query t sees keys up to past + t
-                    mask = torch.ones(T, past + T, dtype=torch.bool, device=q.device).tril(past)
-                    causal = False
-                outs.append(
-                    F.scaled_dot_product_attention(
-                        q[b : b + 1], keys[None], values[None], attn_mask=mask, is_causal=causal, enable_gqa=True
-                    )
+            return o.transpose(1, 2).reshape(B, T, -1)
+        outs = []
+        for b, row in enumerate(rows):
+            layer = cache[row].layers[i]
+            assert isinstance(layer, KVLayer)
+            past = layer.length
+            keys, values = layer.append(k[b], v[b])
+            if T == 1:  # the group's query heads as rows: (1, Hkv, G, D) against (1, Hkv, L, D)
+                o = F.scaled_dot_product_attention(q[b].view(1, Hkv, Hq // Hkv, D), keys[None], values[None])
+                outs.append(o.reshape(1, Hq, 1, D))
+            else:  # prefill: causal, aligned to the last key when continuing a cached prefix
+                mask = causal_lower_right(T, past + T) if past else None
+                o = F.scaled_dot_product_attention(
+                    q[b : b + 1], keys[None], values[None], attn_mask=mask, is_causal=not past, enable_gqa=True
                 )
-            o = torch.cat(outs)
+                outs.append(o)
+        o = torch.cat(outs) if len(outs) > 1 else outs[0]
         return o.transpose(1, 2).reshape(B, T, -1)
 
-    def attend_dsla(self, i, q, k, v, cos, sin, cache: HybridCache | None, rows) -> Tensor:
+    def attend_dsla(self, i, q, k, v, cos, sin, cache: HybridCache | None, rows, lengths, h: Tensor) -> Tensor:
         dsla = self.dsla(i)
         if cache is None:
-            return dsla.attend(q, k, v, cos, sin)[0]
+            return dsla.attend(q, k, v, cos, sin, hidden=h)[0]
         layers = [cache[row].layers[i] for row in rows]
         assert all(isinstance(layer, StateLayer) for layer in layers)
-        o, (s_far, s_close) = dsla.attend(q, k, v, cos, sin, HybridCache.stack_states(layers))
-        for b, layer in enumerate(layers):
-            layer.state = (s_far[b], s_close[b])
+        if q.shape[2] == 1:
+            return self.step_dsla(i, dsla, q, k, v, cos, sin, layers, [lengths[r] for r in rows], h)
+        outs = []
+        for b, row in enumerate(rows):  # prefill: one sequence at a time
+            layer, length = layers[b], lengths[row]
+            prefix = None
+            if dsla.config.window and length:
+                pk, pv = layer.window_view(length)
+                positions = torch.arange(length - pk.shape[1], length, device=q.device)[None]
+                pcos, psin = self.rotary_emb(pv, positions)
+                prefix = (pk[None], pv[None], pcos, psin)
+            state = tuple(s[None] for s in layer.state)
+            o, new_state, (wk, wv) = dsla.attend(
+                *(t[b : b + 1] for t in (q, k, v, cos, sin)), state, prefix, hidden=h[b : b + 1]
+            )
+            layer.state = (new_state[0][0], new_state[1][0])
+            layer.write_window(wk[0], wv[0], length + q.shape[2])
+            outs.append(o)
+        return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+    def step_dsla(
+        self, i: int, dsla: DSLAAttention, q, k, v, cos, sin, layers: list[StateLayer], lengths: list[int], h: Tensor
+    ) -> Tensor:
+        """One decode token for a batch of DSLA sequences: their pooled states and windows updated in place."""
+        pool = self.pool(i)
+        states, ring_k, ring_v, idx = pool.batch([layer.slot for layer in layers])  # states (B, 2, Hkv, K, V)
+        W = dsla.config.window
+        if not W:
+            o = dsla.step(q, k, v, cos, sin, states, hidden=h)
+        else:
+            B = len(layers)
+            pos = torch.tensor(lengths, device=q.device)  # the new token's position
+            slot = pos % W
+            rows = torch.arange(B, device=q.device)
+            leaving = (ring_k[rows, :, slot].unsqueeze(2), ring_v[rows, :, slot].unsqueeze(2))  # copies
+            lcos, lsin = self.rotary_emb(v, (pos - W).clamp(min=0)[:, None])
+            ring_k[rows, :, slot] = rotate(k, cos, sin)[:, :, 0].to(ring_k.dtype)
+            ring_v[rows, :, slot] = v[:, :, 0].to(ring_v.dtype)
+            valid = torch.arange(W, device=q.device)[None] <= pos[:, None]  # (B, W): slots written so far
+            o = dsla.step(q, k, v, cos, sin, states, (ring_k, ring_v, valid), (*leaving, lcos, lsin, pos >= W), h)
+        pool.write_back(idx, states, ring_k, ring_v)
         return o
 
     @torch.no_grad()
     def fold_to_dsla(self, seq: SequenceCache, layers: Iterable[int]) -> None:
-        """In-flight conversion: turn the KV caches of ``layers`` into exact DSLA states, freeing the KV."""
+        """In-flight conversion: turn the KV caches of ``layers`` into exact DSLA states (and, with a
+        window, keep the last W keys/values exact), freeing the KV."""
         for i in check_layers(self.base, layers):
             layer = seq.layers[i]
             if isinstance(layer, StateLayer):
@@ -201,8 +332,10 @@ class HybridModel(nn.Module):
             keys, values = layer.view()
             positions = torch.arange(layer.length, device=keys.device)[None]
             cos, sin = self.rotary_emb(keys, positions)
-            s_far, s_close = dsla.fold_kv_cache(keys[None], values[None], cos, sin)
-            new = StateLayer(self.num_kv_heads, self.head_dim, keys.device)
+            (s_far, s_close), (wk, wv) = dsla.fold_kv_cache(keys[None], values[None], cos, sin)
+            new = StateLayer(self.pool(i))
             new.state = (s_far[0], s_close[0])
+            if dsla.config.window:
+                new.write_window(wk[0], wv[0], layer.length)
             seq.layers[i] = new
             seq.conversions.append(i)

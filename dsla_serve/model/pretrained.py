@@ -13,7 +13,7 @@ from dsla_serve.config import DSLAConfig
 from dsla_serve.model.convert import calibrate_gains, convert, read_manifest
 from dsla_serve.model.hybrid import HybridModel
 from dsla_serve.model.loader import DEFAULT_MODEL, load_base
-from dsla_serve.model.quant import quantize_model_int4
+from dsla_serve.model.quant import QUANTIZERS, quantize_model
 
 log = logging.getLogger(__name__)
 
@@ -72,9 +72,10 @@ def load_hybrid(
     """Base model with every layer convertible: distilled layers from ``weights`` ("auto": the
     checkpoint shipped for the default model, if any), the rest fresh and gain-calibrated.
 
-    ``dtype``: "float32", "bfloat16", or "int4" (bfloat16 with int4 weight-only decode projections).
+    ``dtype``: "float32", "bfloat16", "int8" or "int4" (bfloat16 activations with int8/int4 weight-only
+    linears, lm_head included).
     """
-    loaded = load_base(model, "bfloat16" if dtype == "int4" else dtype)
+    loaded = load_base(model, "bfloat16" if dtype in QUANTIZERS else dtype)
     base, tok = loaded.model, loaded.tokenizer
     n = base.config.num_hidden_layers
     path = shipped_checkpoint(model) if weights == "auto" else (Path(weights) if weights else None)
@@ -94,8 +95,8 @@ def load_hybrid(
         ids = tok(calibration_text(), return_tensors="pt").input_ids[:, :512].to(base.device)
         calibrate_gains(base, ids, fresh)
         log.info("DSLA layers %s have no distilled weights: fresh gates, calibrated gains only", fresh)
-    if dtype == "int4":  # after loading DSLA weights: the checkpoint's fingerprint is of the unquantised base
-        quantize_model_int4(base)
+    if dtype in QUANTIZERS:  # after loading DSLA weights: the checkpoint's fingerprint is of the unquantised base
+        quantize_model(base, dtype)
     info = HybridInfo(loaded.name, str(path) if path else None, order, source, distilled, fresh)
     return HybridModel(base), tok, info
 

@@ -1,4 +1,4 @@
-"""Weight-only int4 linear layers for CPU decode (the engine's ``int4`` mode).
+"""Weight-only int4 and int8 linear layers for CPU inference (the engine's ``int4``/``int8`` modes).
 
 Decode multiplies one token's activations by every weight matrix: it is bound by how many weight
 bytes are read. PyTorch's CPU int4 kernel (``_weight_int4pack_mm_for_cpu``, groups of 32 input
@@ -75,24 +75,62 @@ class Int4Linear(nn.Module):
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
 
-def quantize_model_int4(model: nn.Module) -> int:
-    """Replace every decoder-layer ``nn.Linear`` (q/k/v/o, MLP) by ``Int4Linear``, in place.
+class Int8Linear(nn.Module):
+    """A frozen ``nn.Linear`` with int8 weights (symmetric, one scale per output channel).
 
-    Converted layers keep sharing q/k/v/o with the attention they replaced. Shapes the kernel cannot
-    pack stay as they are. Returns the count replaced.
+    ``torch._weight_int8pack_mm`` reads the int8 codes directly: a quarter of float32's weight bytes
+    for every row count, so unlike int4 no second copy of the weight is kept for prefill.
+    """
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        w = linear.weight.detach().float()
+        self.in_features, self.out_features = w.shape[1], w.shape[0]
+        scale = (w.abs().amax(1) / 127).clamp(min=1e-10)  # (out,)
+        self.register_buffer("codes", (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8))
+        self.register_buffer("scale", scale.to(torch.bfloat16))
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().to(torch.bfloat16))
+
+    @property
+    def weight(self) -> Tensor:
+        """The dequantised weight (bf16), for code that reads ``.weight`` (and for fusing projections)."""
+        return (self.codes.float() * self.scale.float()[:, None]).to(torch.bfloat16)
+
+    def forward(self, x: Tensor) -> Tensor:
+        rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        y = torch._weight_int8pack_mm(rows, self.codes, self.scale)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+
+
+QUANTIZERS = {"int4": (Int4Linear, supports), "int8": (Int8Linear, lambda linear: True)}
+
+
+def quantize_model(model: nn.Module, mode: str, lm_head: bool = True) -> int:
+    """Replace every decoder-layer ``nn.Linear`` (q/k/v/o, MLP) and the lm_head by ``mode``'s weight-only
+    linear, in place. Converted layers keep sharing q/k/v/o with the attention they replaced. Shapes
+    the kernel cannot pack stay as they are. Returns the count replaced.
+
+    NOTE(decisions): the lm_head (49152 x 576 for SmolLM2-135M) is a fifth of the model's weight
+    bytes; left in bf16 it was the single largest op of an int4 decode step (7.5 of ~38 ms).
     """
     from dsla_serve.layers import DSLAAttention
     from dsla_serve.model.convert import decoder_layers, original_attention
 
+    cls, ok = QUANTIZERS[mode]
     count = 0
     for i, layer in enumerate(decoder_layers(model)):
         attn = original_attention(model, i)
         for parent in (attn, layer.mlp):
             for name, child in list(parent.named_children()):
-                if isinstance(child, nn.Linear) and supports(child):
-                    setattr(parent, name, Int4Linear(child))
+                if isinstance(child, nn.Linear) and ok(child):
+                    setattr(parent, name, cls(child))
                     count += 1
         if isinstance(layer.self_attn, DSLAAttention):
             for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
                 setattr(layer.self_attn, name, getattr(attn, name))
+    if lm_head and isinstance(model.lm_head, nn.Linear) and ok(model.lm_head):
+        model.lm_head = cls(model.lm_head)  # the tied embedding keeps its own weight
+        count += 1
     return count

@@ -1,12 +1,16 @@
-"""Single-token dual-state step for decode: O(1) in the context length (two (K, V) states per KV head)."""
+"""Single-token dual-state step for decode: O(1) in the context length (two (K, V) states per KV head).
+
+With a window the step takes the window's rotated keys and values as a ring buffer (any order:
+softmax does not care) and the token leaving it, which enters the states now.
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from dsla_serve.ops.chunk import compute_dtype, mix_readouts
-from dsla_serve.ops.naive import StatePair
+from dsla_serve.ops.chunk import compute_dtype
+from dsla_serve.ops.naive import StatePair, combine
 
 
 def step_dsla(
@@ -21,10 +25,26 @@ def step_dsla(
     normalize: bool = True,
     eps: float = 1e-6,
     initial_state: StatePair | None = None,
+    gain: Tensor | None = None,
+    enters: Tensor | None = None,
+    q_rot: Tensor | None = None,
+    window_keys: Tensor | None = None,
+    window_values: Tensor | None = None,
+    window_valid: Tensor | None = None,
+    beta: Tensor | None = None,
+    window_scale: float | None = None,
+    state_buffer: Tensor | None = None,
 ) -> tuple[Tensor, StatePair]:
-    """Same contract as ``naive_dsla`` with T == 1: q (B, Hq, 1, K), k/g (B, Hkv, 1, K), v (B, Hkv, 1, V).
+    """One decode step for a batch of sequences.
 
-    States are returned in float32 (float64 for float64 inputs), like ``chunk_dsla``.
+    q: (B, Hq, 1, K); k/g_far/g_close: (B, Hkv, 1, K) and v: (B, Hkv, 1, V) are the token entering the
+    states: the new token itself without a window, the one leaving the window with one.
+    enters: (B,) bool, which sequences have a token entering (default: all); the others keep their states
+    and, with a window, read the window alone. Window: q_rot (B, Hq, 1, K), window_keys (B, Hkv, W, K)
+    rotated and window_values (B, Hkv, W, V), the new token already written; window_valid (B, W) bool.
+    ``state_buffer`` (B, 2, Hkv, K, V), float32/float64, replaces ``initial_state`` and is updated in
+    place (the engine's pooled states: no copy per step). States are returned in float32 (float64 for
+    float64 inputs), like ``chunk_dsla``.
     """
     B, Hq, T, K = q.shape
     if T != 1:
@@ -33,9 +53,30 @@ def step_dsla(
     G = Hq // Hkv
     f = compute_dtype(q.dtype)
     scale = K**-0.5 if scale is None else scale
-    state = q.new_zeros(2, B, Hkv, K, V, dtype=f) if initial_state is None else torch.stack(initial_state).to(f)
-    decay = torch.exp(torch.stack((g_far, g_close)).to(f)).transpose(-1, -2)  # (2, B, Hkv, K, 1)
-    state = decay * state + k.to(f).transpose(-1, -2) @ v.to(f)  # (2, B, Hkv, K, V)
-    read = (q.to(f) * scale).view(B, Hkv, G, K) @ state  # (2, B, Hkv, G, V)
-    o = mix_readouts(read.unsqueeze(-2), alpha, Hq, normalize, eps)  # (B, Hkv, G, 1, V)
-    return o.reshape(B, Hq, 1, V).to(q.dtype), (state[0], state[1])
+    decay = torch.exp(torch.stack((g_far, g_close), 1).to(f)).transpose(-1, -2)  # (B, 2, Hkv, K, 1)
+    kv = (k.to(f).transpose(-1, -2) @ v.to(f)).unsqueeze(1)  # (B, 1, Hkv, K, V)
+    if enters is not None:  # no token: decay 1, update 0
+        on = enters.to(f).view(B, 1, 1, 1, 1)
+        decay = decay * on + (1 - on)
+        kv = kv * on
+    if state_buffer is not None:
+        state = state_buffer.mul_(decay).add_(kv)
+    elif initial_state is None:
+        state = kv.expand(B, 2, Hkv, K, V).clone()
+    else:
+        state = decay * torch.stack(initial_state, 1).to(f) + kv  # (B, 2, Hkv, K, V)
+    read = (q.to(f) * scale).view(B, 1, Hkv, G, K) @ state  # (B, 2, Hkv, G, V)
+    reads = read.transpose(0, 1).reshape(2, B, Hq, 1, V)
+    final = (state[:, 0], state[:, 1])
+    if window_keys is None:
+        o = combine(reads, alpha, normalize=normalize, eps=eps, gain=gain)
+        return o.to(q.dtype), final
+    window_scale = K**-0.5 if window_scale is None else window_scale
+    qr = (q if q_rot is None else q_rot).to(f).view(B, Hkv, G, K) * window_scale
+    scores = qr @ window_keys.to(f).transpose(-1, -2)  # (B, Hkv, G, W)
+    if window_valid is not None:
+        scores = scores.masked_fill(~window_valid[:, None, None, :], float("-inf"))
+    win = (torch.softmax(scores, -1) @ window_values.to(f)).reshape(B, Hq, 1, V)
+    has_state = torch.ones(B, 1, dtype=torch.bool, device=q.device) if enters is None else enters[:, None]
+    o = combine(reads, alpha, normalize=normalize, eps=eps, gain=gain, window_read=win, beta=beta, has_state=has_state)
+    return o.to(q.dtype), final

@@ -2,7 +2,7 @@
 running server's conversion level), registered on the main typer app by ``dsla_serve/cli.py``.
 
 dsla-serve serve --policy adaptive --port 8000
-dsla-serve control --level 0.5 --convert-running
+DSLA_SERVE_ADMIN_KEY=... dsla-serve control --level 0.5 --convert-running
 """
 
 from __future__ import annotations
@@ -33,7 +33,21 @@ def serve(
     conversion: float = typer.Option(0.25, min=0.0, max=1.0, help="Level of the static policy (fraction of layers)."),
     max_conversion: float = typer.Option(0.5, min=0.0, max=1.0, help="Ceiling of the adaptive policy."),
     caps: str = typer.Option(
-        "2048:0.125,4096:0.25,8192:0.375,inf:0.5", help="Adaptive per-prompt-length caps: 'tokens_below:level,...'."
+        "auto",
+        help="Adaptive caps by prompt length: paper (2048:0.125,4096:0.25,8192:0.375,inf:0.5), none, "
+        "'tokens_below:level,...', or auto (paper without a speed profile, none with one).",
+    ),
+    profile: str = typer.Option(
+        "auto",
+        help="Speed profile: auto (the one `dsla-serve profile` cached for this model and machine), none, "
+        "or a profile / `bench --json` file.",
+    ),
+    quality: str = typer.Option(None, help="Perplexity by level (`eval quality` / `eval ppl --json`) for the profile."),
+    quality_budget: float = typer.Option(
+        None, min=1.0, help="Largest perplexity ratio to all-attention a sequence may pay (needs quality data)."
+    ),
+    ttft_target_ms: float = typer.Option(
+        2000.0, min=0.0, help="Time to first token the controller defends (0: ignore)."
     ),
     memory_budget: str = typer.Option("4GiB", help="Cache memory (KV + DSLA state) the engine may hold."),
     max_num_seqs: int = typer.Option(16, min=1, help="Running sequences (decode batch)."),
@@ -46,14 +60,31 @@ def serve(
     served_model_name: list[str] = typer.Option(None, help="Name(s) clients use for the model (default: its id)."),
     dtype: str = typer.Option("float32", help="float32 or bfloat16 (int4 when the engine supports it)."),
     threads: int = typer.Option(None, help="Torch threads (default: all cores)."),
+    api_key: str = typer.Option(
+        None,
+        envvar="DSLA_SERVE_API_KEY",
+        show_default=False,
+        help="Key every endpoint but /health requires ('Authorization: Bearer KEY'); prefer the env variable.",
+    ),
+    admin_key: str = typer.Option(
+        None,
+        envvar="DSLA_SERVE_ADMIN_KEY",
+        show_default=False,
+        help="Key POST /v1/dsla requires; without it, that endpoint answers loopback clients only.",
+    ),
+    max_body_size: str = typer.Option("4MiB", help="Largest request body; larger ones get 413."),
+    max_prompt_tokens: int = typer.Option(None, min=1, help="Longest prompt in tokens (default: the context)."),
 ) -> None:
     """Serve the hybrid model over an OpenAI-compatible HTTP API with adaptive DSLA conversion."""
     import uvicorn
 
     from dsla_serve.model import CheckpointError, ModelLoadError
     from dsla_serve.model.pretrained import load_hybrid, set_threads
+    from dsla_serve.serving.api.auth import Keys
+    from dsla_serve.serving.api.server import ApiConfig
     from dsla_serve.serving.controller import ControllerConfig, parse_caps
     from dsla_serve.serving.launch import build_app, parse_bytes
+    from dsla_serve.serving.profile import resolve as resolve_profile
     from dsla_serve.serving.scheduler import SchedulerConfig
 
     logging.getLogger("dsla_serve").setLevel(logging.INFO)
@@ -62,20 +93,30 @@ def serve(
     try:
         ctrl = ControllerConfig(
             policy=policy, conversion=conversion, max_conversion=max_conversion, caps=parse_caps(caps),
-            tpot_target_s=tpot_target_ms / 1000 or None, cooldown_s=cooldown,
+            tpot_target_s=tpot_target_ms / 1000 or None, ttft_target_s=ttft_target_ms / 1000 or None,
+            quality_budget=quality_budget, cooldown_s=cooldown,
         )  # fmt: skip
         sched = SchedulerConfig(
             max_num_seqs=max_num_seqs, max_waiting=max_waiting, memory_budget=parse_bytes(memory_budget),
             prefill_chunk=prefill_chunk, queue_timeout_s=queue_timeout,
         )  # fmt: skip
+        api = ApiConfig(
+            served_names=tuple(served_model_name or ()), default_max_tokens=default_max_tokens,
+            keys=Keys(api_key, admin_key), max_body_bytes=parse_bytes(max_body_size),
+            max_prompt_tokens=max_prompt_tokens,
+        )  # fmt: skip
         set_threads(threads)
         hybrid, tok, info = load_hybrid(model, None if weights == "none" else weights, dtype)
+        ctrl.profile = resolve_profile(profile, hybrid.base, dtype, quality)
     except (ModelLoadError, CheckpointError, ValueError) as e:
         _fail(str(e))
     log.info("model %s: %d layers, context %d; DSLA weights %s (distilled layers %s)", info.model,
              hybrid.num_layers, hybrid.config.max_position_embeddings, info.weights or "none",
              info.distilled or "none")  # fmt: skip
-    app, _ = build_app(hybrid, tok, info, sched, ctrl, served_model_name or None, default_max_tokens)
+    try:
+        app, _ = build_app(hybrid, tok, info, sched, ctrl, api)
+    except ValueError as e:  # e.g. a tokenizer without a fast backend
+        _fail(str(e))
     # NOTE(decisions): uvicorn's own SIGINT/SIGTERM handling stops accepting and waits for running
     # requests; the app's lifespan then drains the engine. A second signal forces exit.
     uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=600)
@@ -86,20 +127,33 @@ def control(
     policy: str = typer.Option(None, help="adaptive | static | off."),
     level: float = typer.Option(None, min=0.0, max=1.0, help="Conversion level for new sequences (sets static)."),
     convert_running: bool = typer.Option(False, help="Also fold running sequences up to the new level now."),
+    api_key: str = typer.Option(
+        None, envvar="DSLA_SERVE_API_KEY", show_default=False, help="The server's API key (to show its state)."
+    ),
+    admin_key: str = typer.Option(
+        None, envvar="DSLA_SERVE_ADMIN_KEY", show_default=False, help="The server's admin key (to change it)."
+    ),
 ) -> None:
     """Show (no options) or set a running server's conversion policy and level (POST /v1/dsla)."""
     import httpx
 
+    def auth(key: str | None) -> dict:
+        return {"Authorization": f"Bearer {key}"} if key else {}
+
     try:
         if policy is None and level is None:
-            r = httpx.get(f"{url}/v1/dsla", timeout=30)
+            r = httpx.get(f"{url}/v1/dsla", timeout=30, headers=auth(api_key or admin_key))
         else:
             body = {"policy": policy, "level": level, "convert_running": convert_running}
-            r = httpx.post(f"{url}/v1/dsla", json=body, timeout=150)
+            r = httpx.post(f"{url}/v1/dsla", json=body, timeout=150, headers=auth(admin_key or api_key))
     except httpx.HTTPError as e:
         _fail(f"could not reach {url}: {e}")
     if r.status_code != 200:
-        _fail(r.json().get("error", {}).get("message", r.text))
+        try:
+            message = r.json()["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = r.text
+        _fail(f"{r.status_code}: {message}")
     state = r.json()
     c = state["controller"]
     summary = {"policy": c["policy"], "level": c["level"], "layers_for_new_sequences": c["layers_for_new_sequences"],

@@ -1,23 +1,26 @@
 """The serving engine: ``EngineCore.step()`` (synchronous, one scheduling round) and ``AsyncEngine``
-(a thread running steps, with submit / abort / control for the asyncio HTTP layer).
+(a thread running steps; it implements ``EngineClient``, the asyncio HTTP layer's only way in).
 
 One step: the controller reads the load and may move the level (folding running sequences' KV
 caches when it says so), the scheduler picks the work, the runner decodes every running sequence
 in one batched call and reads a chunk of each new prompt, and outputs go to each request's sink.
 Plan changes therefore happen only between steps: no forward ever sees a half-converted cache.
+
+Isolation: everything done for one request on the engine thread (cache allocation, its prefill,
+sampling, detokenisation, stop strings) runs under ``_guard``, so a request that fails (non-finite
+logits, a bug on its path) fails alone with a 500 that carries an error id, never exception text;
+the log has the traceback under that id. A batched decode that raises fails the requests in it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 import logging
 import math
 import statistics
 import threading
 import time
-import uuid
 from collections import deque
 from collections.abc import Callable
 
@@ -25,11 +28,21 @@ import torch
 
 from dsla_serve.model import HybridModel
 from dsla_serve.model.pretrained import HybridInfo
-from dsla_serve.serving.controller import Controller, ControllerConfig, Decision, Signals
+from dsla_serve.serving.client import EngineClient, EngineSnapshot, Job, ServedModel
+from dsla_serve.serving.controller import Controller, ControllerConfig, Decision, SignalMeter, Signals, load_of
 from dsla_serve.serving.metrics import EngineMetrics
-from dsla_serve.serving.request import EngineError, Output, Request, RequestParams, Status, TokenLogprob
+from dsla_serve.serving.request import (
+    EngineError,
+    Output,
+    Request,
+    RequestParams,
+    Status,
+    TokenLogprob,
+    internal_error,
+)
 from dsla_serve.serving.runner import ModelRunner
 from dsla_serve.serving.scheduler import Scheduler, SchedulerConfig
+from dsla_serve.serving.text import backend_of
 
 log = logging.getLogger(__name__)
 
@@ -50,17 +63,19 @@ class EngineCore:
         scheduler: SchedulerConfig | None = None, controller: ControllerConfig | None = None,
     ):  # fmt: skip
         self.model, self.tokenizer, self.info = model, tokenizer, info
+        self.backend = backend_of(tokenizer)  # incremental detokenisation needs the tokenizers backend
         self.runner = ModelRunner(model, info.order)
-        self.controller = Controller(model.num_layers, controller)
-        self.scheduler = Scheduler(
-            scheduler or SchedulerConfig(), lambda r: self.controller.layers_for(r.prompt_len), self.runner.cache_bytes
-        )
+        scheduler = scheduler or SchedulerConfig()
+        self.controller = Controller(model.num_layers, controller, scheduler.prefill_chunk)
+        # a new sequence's plan is the controller's, made as it is admitted (behind it: the rest of the queue)
+        plan = lambda r: self.controller.plan_request(r, len(self.scheduler.waiting) - 1)  # noqa: E731
+        self.scheduler = Scheduler(scheduler, plan, self.runner.cache_bytes)
         self.metrics = EngineMetrics()
         self.metrics.budget.set(self.scheduler.config.memory_budget)
         self.metrics.level.set(self.controller.level)
         self.eos = eos_ids(model, tokenizer)
         self.context = model.config.max_position_embeddings
-        self.gaps: deque[float] = deque(maxlen=64)  # recent inter-token latencies (s)
+        self.meter = SignalMeter(self.controller.config.window_s)  # timings the controller reads, expiring
         self.latencies: deque[float] = deque(maxlen=32)  # recent request latencies (s), for Retry-After
         self.conversions = 0  # layers folded in flight
 
@@ -77,7 +92,7 @@ class EngineCore:
                 "context_length_exceeded",
             )
         c = self.controller
-        most = {"adaptive": min(c.config.max_conversion, c.cap(prompt_len)), "off": 0.0}.get(c.policy, c.level)
+        most = c.max_level_for(prompt_len, params.dsla_max_level)
         need = self.runner.cache_bytes(c.layers_at(most), prompt_len + params.max_tokens)
         budget = self.scheduler.config.memory_budget
         if need > budget:
@@ -104,21 +119,20 @@ class EngineCore:
             log.info("request %s aborted (client gone) after %d tokens", req.id, len(req.output_ids))
 
     def control(self, policy: str | None = None, level: float | None = None, convert_running: bool = False) -> Decision:
-        decision = self.controller.set(policy, level, convert_running)
-        self._apply(decision)
+        decision = self.controller.set(policy, level, convert_running, [load_of(r) for r in self.scheduler.running])
+        with torch.inference_mode():  # folds touch caches made in the step's inference mode
+            self._apply(decision)
         return decision
 
     # ---- the step
-    def signals(self) -> Signals:
-        s = self.scheduler
-        tpot = statistics.median(list(self.gaps)[-16:]) if self.gaps else None
-        return Signals(len(s.waiting), s.waiting_tokens(), s.memory_pressure(), tpot)
+    def signals(self, now: float | None = None) -> Signals:
+        return self.meter.signals(time.monotonic() if now is None else now, self.scheduler)
 
     def step(self) -> bool:
         """One scheduling round; returns whether any work was done."""
         with torch.inference_mode():
             now = time.monotonic()
-            decision = self.controller.update(self.signals(), now)
+            decision = self.controller.update(self.signals(now), now, [load_of(r) for r in self.scheduler.running])
             if decision is not None:
                 self._apply(decision)
             out = self.scheduler.schedule(now)
@@ -131,13 +145,16 @@ class EngineCore:
                 self._guard([req], lambda r=req: self.runner.allocate(r))
                 if req.status == Status.RUNNING:
                     req.sink(Output(req.index, admitted=True))
-            generated = 0
+            generated, decode_s = 0, None
             if out.decode:
+                t = time.perf_counter()
                 logits = self._guard(out.decode, lambda: self.runner.decode(out.decode))
                 if logits is not None:
-                    for req, row in zip(out.decode, logits, strict=True):
-                        generated += self._emit_token(req, row)
-            prompt = 0
+                    sampled = self._guard(out.decode, lambda: self.runner.sample_batch(out.decode, logits)) or []
+                    for req, one in zip(out.decode, sampled, strict=False):
+                        generated += self._guard([req], lambda r=req, x=one: self._emit_token(r, x)) or 0
+                decode_s = time.perf_counter() - t  # decoding alone; the prefill chunks below are timed apart
+            prompt, t = 0, time.perf_counter()
             for req, n in out.prefill:
                 if req.status != Status.RUNNING:
                     continue
@@ -145,25 +162,35 @@ class EngineCore:
                 if result is None:
                     continue
                 prompt += n
-                logits, entries = result
-                if entries is not None:
-                    req.prompt_lp = (req.prompt_lp or []) + entries
-                if req.prefilled:
-                    if req.params.max_tokens == 0:
-                        self._finish(req, "length", Output(req.index, prompt_logprobs=req.prompt_lp))
-                    else:
-                        generated += self._emit_token(req, logits, req.prompt_lp)
+                generated += self._guard([req], lambda r=req, res=result: self._prefilled(r, *res)) or 0
+            self.meter.record_step(now, decode_s, time.perf_counter() - t, prompt)
             self._update_gauges(prompt, generated, now)
             return bool(out.admitted or out.decode or out.prefill or out.expired)
 
-    def _emit_token(self, req: Request, logits: torch.Tensor, prompt_lp: list[TokenLogprob] | None = None) -> int:
-        token, lp = self.runner.sample(req, logits)
+    def _prefilled(self, req: Request, logits: torch.Tensor, entries: list[TokenLogprob] | None) -> int:
+        """After a prefill chunk: collect prompt logprobs; at the prompt's end, the first token (or finish)."""
+        if entries is not None:
+            req.prompt_lp = (req.prompt_lp or []) + entries
+        if not req.prefilled:
+            return 0
+        if req.params.max_tokens == 0:
+            self._finish(req, "length", Output(req.index, prompt_logprobs=req.prompt_lp))
+            return 0
+        return self._emit_token(req, self.runner.sample_batch([req], logits[None])[0], req.prompt_lp)
+
+    def _emit_token(
+        self, req: Request, sampled: tuple[int, TokenLogprob | None, bool], prompt_lp: list[TokenLogprob] | None = None
+    ) -> int:
+        """Hand one sampled token (token, logprob entry, logits finite) to its request."""
+        token, lp, finite = sampled
+        if not finite:  # NaN/inf logits: this request fails alone
+            raise FloatingPointError(f"request {req.id}: the model produced non-finite logits")
         now = time.monotonic()
         if req.first_token_time is None:
             req.first_token_time = now
             self.metrics.ttft.observe(now - req.arrival)
+            self.meter.record_ttft(now, now - req.arrival)
         else:
-            self.gaps.append(now - req.last_token_time)
             self.metrics.tpot.observe(now - req.last_token_time)
         req.last_token_time = now
         out = Output(req.index, prompt_logprobs=prompt_lp)
@@ -171,7 +198,7 @@ class EngineCore:
             req.output_ids.append(token)  # fed to nothing: the sequence ends here
             self._finish(req, "stop", out)
             return 1
-        out.text, stopped = req.add_token(token, self.tokenizer)
+        out.text, stopped = req.add_token(token, self.backend)
         out.token_ids, out.logprobs = [token], [lp] if lp is not None else []
         if stopped or len(req.output_ids) >= req.params.max_tokens:
             self._finish(req, "stop" if stopped else "length", out)
@@ -183,6 +210,7 @@ class EngineCore:
         out.text += req.flush()
         out.finish_reason = reason
         out.prompt_tokens, out.completion_tokens = req.prompt_len, len(req.output_ids)
+        out.dsla_layers = req.dsla_count  # reported in the response, beside the request's max_level
         self.latencies.append(time.monotonic() - req.arrival)
         self.metrics.e2e.observe(time.monotonic() - req.arrival)
         self._release(req, "finished")
@@ -198,26 +226,24 @@ class EngineCore:
         self.metrics.requests.labels(outcome).inc()
 
     def _guard(self, reqs: list[Request], fn: Callable):
-        """Run fn; if it raises, fail these requests (500) and keep serving the others."""
+        """Run fn; if it raises, fail these requests (500 with an error id) and keep serving the others."""
         try:
             return fn()
-        except Exception as e:  # the server never dies on a request
-            log.exception("engine error on requests %s", [r.id for r in reqs])
+        except Exception:  # the server never dies on a request
+            error = internal_error()
+            log.exception("error id %s: engine error on requests %s", error.error_id, [r.id for r in reqs])
             for r in reqs:
-                self._fail(
-                    r, EngineError(500, f"internal engine error: {type(e).__name__}: {e}", "engine_error"), "failed"
-                )
+                if r.status != Status.FINISHED:
+                    self._fail(r, error, "failed")
             return None
 
     def _apply(self, d: Decision) -> None:
         """Make a controller decision effective now (between steps)."""
-        direction = "set" if d.trigger == "manual" else ("up" if d.to_level > d.from_level else "down")
-        self.metrics.decisions.labels(direction, d.trigger).inc()
+        moved = "up" if d.to_level > d.from_level else "down" if d.to_level < d.from_level else "convert"
+        self.metrics.decisions.labels("set" if d.trigger == "manual" else moved, d.trigger).inc()
         self.metrics.level.set(d.to_level)
-        if not d.convert_running:
-            return
-        for req in list(self.scheduler.running):
-            target = self.controller.layers_for(req.prompt_len)
+        for req in list(self.scheduler.running):  # the decision's own targets: no asking back per request
+            target = d.targets.get(req.id, 0)
             if target > req.dsla_count:
                 folded = self._guard([req], lambda r=req, t=target: self.runner.fold(r, t))
                 if folded:
@@ -236,8 +262,13 @@ class EngineCore:
         m.kv_bytes.set(sum(c.kv_bytes() for c in caches))
         m.state_bytes.set(sum(c.state_bytes() for c in caches))
 
-    # ---- introspection (GET /v1/dsla): reads ints only, safe from the API thread
+    # ---- introspection: built on the engine thread and published whole (AsyncEngine.snapshot)
+    def publish(self) -> EngineSnapshot:
+        s = self.scheduler
+        return EngineSnapshot(time.monotonic(), len(s.running), len(s.waiting), self.retry_after(), self.snapshot())
+
     def snapshot(self) -> dict:
+        """The GET /v1/dsla body. Engine thread only: it iterates the scheduler's and controller's containers."""
         running = list(self.scheduler.running)
         level_count = self.controller.layers_at(self.controller.level)
         new_plan = set(self.info.order[:level_count])
@@ -274,48 +305,24 @@ class EngineCore:
         }
 
 
-class Job:
-    """The engine requests of one HTTP call (one per prompt); outputs arrive on an asyncio queue."""
-
-    def __init__(self, engine: AsyncEngine, prompts: list[list[int]], params: RequestParams):
-        self.id = uuid.uuid4().hex[:24]
-        self.engine = engine
-        self.loop = asyncio.get_running_loop()
-        self.queue: asyncio.Queue[Output] = asyncio.Queue()
-        self.requests = [Request(f"{self.id}-{i}", p, params, self._put, i) for i, p in enumerate(prompts)]
-        self.open = set(range(len(prompts)))  # choices not finished yet
-
-    def _put(self, out: Output) -> None:  # called on the engine thread
-        with contextlib.suppress(RuntimeError):  # RuntimeError: the event loop is gone, nobody is listening
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, out)
-
-    async def next(self) -> Output:
-        out = await self.queue.get()
-        if out.finish_reason is not None or out.error is not None:
-            self.open.discard(out.index)
-        return out
-
-    @property
-    def done(self) -> bool:
-        return not self.open
-
-    def abort(self) -> None:
-        if self.open:
-            self.engine.post(lambda: [self.engine.core.abort(r) for r in self.requests])
-            self.open.clear()
-
-
-class AsyncEngine:
+class AsyncEngine(EngineClient):
     """Runs ``EngineCore.step`` on a dedicated thread; the asyncio side submits, aborts and controls."""
 
     IDLE_TICK_S = 0.5  # an idle engine still wakes this often: the controller steps down when load falls
+    # NOTE(decisions): building a snapshot takes ~1.5 ms (mostly the controller's 50 decisions as dicts;
+    # measured on the test model's core), a large share of a small model's step: while busy the engine
+    # publishes at most this often; after a command or when it goes idle, at once.
+    SNAPSHOT_EVERY_S = 0.05
 
     def __init__(self, core: EngineCore):
         self.core = core
+        self.model = ServedModel(core.info.model, core.context, core.model.config.vocab_size, core.tokenizer,
+                                 core.info)  # fmt: skip
         self._inbox: deque[Callable[[], object]] = deque()
         self._wake = threading.Event()
         self._stop = False
         self.accepting = True
+        self._snapshot = core.publish()  # replaced, never mutated, by the engine thread
         self._thread = threading.Thread(target=self._run, name="dsla-engine", daemon=True)
 
     def start(self) -> None:
@@ -324,6 +331,17 @@ class AsyncEngine:
     @property
     def alive(self) -> bool:
         return self._thread.is_alive()
+
+    def health(self) -> str:
+        if not self.alive:
+            return "engine stopped"
+        return "ok" if self.accepting else "draining"
+
+    def snapshot(self) -> EngineSnapshot:
+        return self._snapshot
+
+    def metrics(self) -> bytes:
+        return self.core.metrics.render()  # prometheus_client's collectors lock for themselves
 
     def post(self, fn: Callable[[], object]) -> None:
         self._inbox.append(fn)
@@ -340,25 +358,34 @@ class AsyncEngine:
         """Queue one request per prompt; raises EngineError for invalid input (400), overload (429), shutdown (503)."""
         if not self.accepting or not self.alive:
             raise EngineError(503, "the server is shutting down", "unavailable", retry_after=5)
-        for p in prompts:
-            self.core.check(len(p), params)
         limit = self.core.scheduler.config.max_waiting
+        if len(prompts) > limit:
+            raise EngineError(400, f"{len(prompts)} prompts in one request: this server queues at most {limit}; "
+                                   "send them in several requests", "too_many_prompts")  # fmt: skip
+        for p in prompts:
+            self.core.check(len(p), params)  # reads config and plain numbers only: safe off the engine thread
         if self.queued() + len(prompts) > limit:
             raise EngineError(
                 429, f"the server's queue is full ({limit} requests waiting); retry later", "overloaded",
-                retry_after=self.core.retry_after(),
+                retry_after=self._snapshot.retry_after_s,
             )  # fmt: skip
-        job = Job(self, prompts, params)
+        job = Job(prompts, params, self.abort)
         self.post(_Admit(self.core, job.requests))
         return job
 
-    async def control(self, **kwargs) -> Decision:
-        """Apply a manual override at the next step boundary and return the decision."""
+    def abort(self, job: Job) -> None:
+        self.post(lambda: [self.core.abort(r) for r in job.requests])
+
+    async def control(
+        self, policy: str | None = None, level: float | None = None, convert_running: bool = False
+    ) -> tuple[Decision, EngineSnapshot]:
         fut: concurrent.futures.Future = concurrent.futures.Future()
 
         def run() -> None:
             try:
-                fut.set_result(self.core.control(**kwargs))
+                decision = self.core.control(policy, level, convert_running)
+                self._snapshot = self.core.publish()
+                fut.set_result((decision, self._snapshot))
             except Exception as e:
                 fut.set_exception(e)
 
@@ -369,22 +396,27 @@ class AsyncEngine:
         torch.set_grad_enabled(False)
         while True:
             self._wake.clear()
+            commands = bool(self._inbox)
             while self._inbox:
                 fn = self._inbox.popleft()
                 try:
-                    fn()
+                    with torch.inference_mode():  # commands (admit, abort, control) touch the step's tensors
+                        fn()
                 except Exception:
                     log.exception("engine command failed")
             if self._stop and not self.core.scheduler.running and not self.core.scheduler.waiting:
+                self._snapshot = self.core.publish()
                 return
             try:
                 busy = self.core.step()
-            except Exception as e:  # a bug outside the per-request guards: fail the running requests, keep serving
-                log.exception("engine step failed")
-                error = EngineError(500, f"internal engine error: {type(e).__name__}: {e}", "engine_error")
+            except Exception:  # a bug outside the per-request guards: fail the running requests, keep serving
+                error = internal_error()
+                log.exception("error id %s: engine step failed", error.error_id)
                 for req in list(self.core.scheduler.running):
                     self.core._fail(req, error, "failed")
                 busy = False
+            if commands or not busy or time.monotonic() - self._snapshot.time >= self.SNAPSHOT_EVERY_S:
+                self._snapshot = self.core.publish()
             if not busy:
                 self._wake.wait(self.IDLE_TICK_S)
 

@@ -13,7 +13,7 @@ import time
 
 import uvicorn
 
-from dsla_serve.serving.api.server import create_app
+from dsla_serve.serving.api.server import ApiConfig, create_app
 from dsla_serve.serving.controller import ControllerConfig
 from dsla_serve.serving.engine import AsyncEngine, EngineCore
 from dsla_serve.serving.scheduler import SchedulerConfig
@@ -30,10 +30,10 @@ def parse_bytes(text: str) -> int:
 
 
 def build_app(model, tokenizer, info, scheduler: SchedulerConfig, controller: ControllerConfig,
-              served_names: list[str] | None = None, default_max_tokens: int = 256):  # fmt: skip
+              api: ApiConfig | None = None):  # fmt: skip
     """(app, engine) over a loaded hybrid model; the engine starts with the app's lifespan."""
     engine = AsyncEngine(EngineCore(model, tokenizer, info, scheduler, controller))
-    return create_app(engine, served_names, default_max_tokens), engine
+    return create_app(engine, api), engine
 
 
 def free_port(host: str = "127.0.0.1") -> int:

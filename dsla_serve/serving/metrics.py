@@ -1,11 +1,15 @@
-"""Prometheus metrics of one engine (its own registry, so several servers can live in one process)."""
+"""Prometheus metrics of one engine (its own registry, so several servers can live in one process).
+
+The registry also carries the process's own metrics (``process_resident_memory_bytes``, CPU time,
+open files): ``dsla-serve bench soak`` reads the server's memory from them.
+"""
 
 from __future__ import annotations
 
 import time
 from collections import deque
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 RATE_WINDOW_S = 10.0  # tokens-per-second gauges average over this many seconds
@@ -14,6 +18,7 @@ RATE_WINDOW_S = 10.0  # tokens-per-second gauges average over this many seconds
 class EngineMetrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
+        ProcessCollector(registry=r)
         self.queue_depth = Gauge("dsla_queue_depth", "Requests waiting for admission.", registry=r)
         self.waiting_tokens = Gauge("dsla_waiting_prompt_tokens", "Prompt tokens of waiting requests.", registry=r)
         self.running = Gauge("dsla_running_sequences", "Sequences admitted and not finished.", registry=r)

@@ -8,21 +8,36 @@ from __future__ import annotations
 
 import enum
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from tokenizers import Tokenizer
 
-from dsla_serve.generate import find_stop
 from dsla_serve.model import SequenceCache
+from dsla_serve.serving.text import TextStream
 
 
 class EngineError(Exception):
     """A request the engine cannot serve; ``status`` is the HTTP status the API answers with."""
 
-    def __init__(self, status: int, message: str, code: str, retry_after: int | None = None):
+    def __init__(
+        self, status: int, message: str, code: str, retry_after: int | None = None, error_id: str | None = None
+    ):
         super().__init__(message)
         self.status, self.message, self.code, self.retry_after = status, message, code, retry_after
+        self.error_id = error_id  # set on internal errors: the id the log line carries, for the client to quote
+
+
+def internal_error() -> EngineError:
+    """A 500 that tells the client nothing of the server's internals, only an id to quote; the caller logs
+    the exception with its traceback under the same id."""
+    eid = uuid.uuid4().hex[:16]
+    return EngineError(
+        500, f"internal server error (error id {eid}); other requests are unaffected, quote the id when reporting it",
+        "internal_error", error_id=eid,
+    )  # fmt: skip
 
 
 @dataclass
@@ -37,6 +52,7 @@ class RequestParams:
     ignore_eos: bool = False  # generate exactly max_tokens (benchmarks, trace replay)
     logprobs: int | None = None  # top-k alternatives per generated token; None: no logprobs
     prompt_logprobs: int | None = None  # same for each prompt token (completions with echo)
+    dsla_max_level: float = 1.0  # most conversion this request accepts (body "dsla": {"max_level": ...})
 
 
 @dataclass
@@ -60,6 +76,7 @@ class Output:
     error: EngineError | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    dsla_layers: int | None = None  # once finished: the layers it ran as DSLA at the end
 
 
 class Status(enum.Enum):
@@ -84,8 +101,7 @@ class Request:
         self.num_computed = 0  # prompt tokens prefilled
         self.prompt_lp: list[TokenLogprob] | None = None  # with prompt_logprobs, filled chunk by chunk
         self.output_ids: list[int] = []
-        self.text = ""  # decoded output, stop string cut off
-        self.sent = 0  # characters of text already sent
+        self.text_stream: TextStream | None = None  # made on the engine thread at the first token
         self.first_token_time: float | None = None
         self.last_token_time: float | None = None
         self.generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
@@ -103,31 +119,14 @@ class Request:
     def prefilled(self) -> bool:
         return self.num_computed >= self.prompt_len
 
-    def add_token(self, token: int, tokenizer) -> tuple[str, bool]:
-        """Append a generated token; return (new text that is safe to send, stopped by a stop string)."""
+    def add_token(self, token: int, backend: Tokenizer) -> tuple[str, bool]:
+        """Append a generated token; return (new text that is safe to send, stopped by a stop string).
+        ``backend``: the tokenizers ``Tokenizer`` (``text.backend_of``)."""
         self.output_ids.append(token)
-        text = tokenizer.decode(self.output_ids, skip_special_tokens=True)
-        cut = find_stop(text, self.params.stop)
-        stopped = cut >= 0
-        self.text = text[:cut] if stopped else text
-        safe = len(self.text) if stopped else len(self.text) - holdback(self.text, self.params.stop)
-        delta = self.text[self.sent : safe] if safe > self.sent else ""
-        self.sent = max(self.sent, safe)
-        return delta, stopped
+        if self.text_stream is None:
+            self.text_stream = TextStream(backend, self.params.stop)
+        return self.text_stream.push(token)
 
     def flush(self) -> str:
         """Text held back so far (a partial stop string or character that never completed)."""
-        delta = self.text[self.sent :]
-        self.sent = len(self.text)
-        return delta
-
-
-def holdback(text: str, stop: list[str]) -> int:
-    """Characters at the end of text not to send yet: an incomplete UTF-8 character, or a prefix of a stop string."""
-    n = len(text) - len(text.rstrip("\ufffd"))
-    for s in stop:
-        for k in range(min(len(s) - 1, len(text)), 0, -1):
-            if text.endswith(s[:k]):
-                n = max(n, k)
-                break
-    return n
+        return self.text_stream.flush() if self.text_stream is not None else ""

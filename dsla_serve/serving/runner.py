@@ -12,6 +12,8 @@ from dsla_serve.generate import sample
 from dsla_serve.model import HybridCache, HybridModel
 from dsla_serve.serving.request import Request, TokenLogprob
 
+LOGPROB_BLOCK = 64  # prompt positions whose (block, vocab) log-probabilities exist at once
+
 
 class ModelRunner:
     def __init__(self, model: HybridModel, order: list[int]):
@@ -45,16 +47,21 @@ class ModelRunner:
         start = req.num_computed
         ids = torch.tensor([req.prompt_ids[start : start + n]], device=self.model.device)
         want = req.params.prompt_logprobs
-        logits, _ = self.model(ids, cache=HybridCache([req.cache]), logits_for="all" if want is not None else "last")
+        if want is None:
+            logits, _ = self.model(ids, cache=HybridCache([req.cache]), logits_for="last")
+            req.num_computed += n
+            return logits[0, -1], None
+        # prompt logprobs: the final hidden states (T, hidden), then logits block by block, so no
+        # (T x vocab) tensor is ever held whole
+        hidden, _ = self.model(ids, cache=HybridCache([req.cache]), logits_for="hidden")
         req.num_computed += n
-        entries = None
-        if want is not None:
-            entries = [TokenLogprob(req.prompt_ids[0], None)] if start == 0 else []
-            targets = req.prompt_ids[start + 1 : start + n + 1]  # the token each position predicts
-            for a in range(0, len(targets), 256):  # slices bound the (t, V) float temporaries
-                lp = torch.log_softmax(logits[0, a : a + 256][: len(targets) - a].float(), dim=-1)  # (t, V)
-                entries += logprob_entries(lp, torch.tensor(targets[a : a + 256]), want)
-        return logits[0, -1], entries
+        entries = [TokenLogprob(req.prompt_ids[0], None)] if start == 0 else []
+        targets = req.prompt_ids[start + 1 : start + n + 1]  # the token each position predicts
+        for a in range(0, len(targets), LOGPROB_BLOCK):
+            rows = hidden[0, a : a + LOGPROB_BLOCK][: len(targets) - a]
+            lp = torch.log_softmax(self.model.lm_head(rows).float(), dim=-1)  # (block, V)
+            entries += logprob_entries(lp, torch.tensor(targets[a : a + LOGPROB_BLOCK]), want)
+        return self.model.lm_head(hidden[0, -1:])[0], entries
 
     def decode(self, reqs: list[Request]) -> Tensor:
         """One token for every request in one batched call; returns logits (B, V)."""
@@ -65,12 +72,34 @@ class ModelRunner:
     @staticmethod
     def sample(req: Request, logits: Tensor) -> tuple[int, TokenLogprob | None]:
         """Next token for one request from its logits (V,), with its logprob entry if asked for."""
-        p = req.params
-        token = int(sample(logits[None], p.temperature, p.top_p, req.generator)[0])
-        if p.logprobs is None:
-            return token, None
-        lp = torch.log_softmax(logits.float(), dim=-1)[None]
-        return token, logprob_entries(lp, torch.tensor([token]), p.logprobs)[0]
+        ((token, lp, finite),) = ModelRunner.sample_batch([req], logits[None])
+        if not finite:
+            raise FloatingPointError(f"request {req.id}: the model produced non-finite logits")
+        return token, lp
+
+    @staticmethod
+    def sample_batch(reqs: list[Request], logits: Tensor) -> list[tuple[int, TokenLogprob | None, bool]]:
+        """(token, logprob entry, logits finite) for every request from logits (B, V), with one host sync.
+
+        Greedy rows share one argmax; sampled rows draw with their own generator (seeds stay
+        per request). A row whose logits are not finite gets a placeholder token and ``False``:
+        the caller fails that request alone.
+        """
+        finite = torch.isfinite(logits).all(-1)  # (B,)
+        safe = torch.where(finite[:, None], logits, torch.zeros_like(logits))
+        tokens = safe.argmax(-1)  # greedy for every row; sampled rows are overwritten below
+        for b, req in enumerate(reqs):
+            p = req.params
+            if p.temperature > 0:
+                tokens[b] = sample(safe[b : b + 1], p.temperature, p.top_p, req.generator)[0]
+        want = [b for b, r in enumerate(reqs) if r.params.logprobs is not None]
+        host = torch.stack((tokens, finite.long())).tolist()  # the step's one sync
+        out: list[tuple[int, TokenLogprob | None, bool]] = [(t, None, bool(f)) for t, f in zip(*host, strict=True)]
+        for b in want:
+            if out[b][2]:
+                lp = torch.log_softmax(safe[b].float(), dim=-1)[None]
+                out[b] = (out[b][0], logprob_entries(lp, tokens[b : b + 1], reqs[b].params.logprobs)[0], True)
+        return out
 
 
 def logprob_entries(lp: Tensor, tokens: Tensor, k: int) -> list[TokenLogprob]:

@@ -1,10 +1,13 @@
 """Continuous-batching scheduler: who joins, who decodes, how many prompt tokens each prefill gets.
 
-It sees token counts and byte counts only (no tensors), so it is tested with fake requests. Every
+It sees token counts and byte counts only (no tensors), so it is tested with fake requests and a
+fake runner (tests/serving/test_scheduler.py). Every
 step: expire requests that waited too long, admit waiting requests first come first served while
 the memory budget and the sequence limit allow, decode every running sequence whose prompt is done,
 and share a prefill token budget among the sequences still reading their prompt, so a long prompt
-is read in chunks between decode steps instead of stalling everyone.
+is read in chunks between decode steps instead of stalling everyone. A request that asks for
+prompt logprobs gets logits for every prompt position of its chunk, (chunk × vocab) floats: its
+chunks are capped at ``logprobs_chunk`` tokens so that buffer stays small whatever the prefill chunk.
 """
 
 from __future__ import annotations
@@ -23,10 +26,18 @@ class SchedulerConfig:
     memory_budget: int = 4 << 30  # bytes of KV cache + DSLA state across running sequences
     prefill_chunk: int = 512  # prompt tokens per step while others decode
     idle_prefill_chunk: int = 2048  # ... and while nobody decodes (nobody to stall)
+    logprobs_chunk: int = 128  # prompt tokens per step with prompt logprobs: 128 × 49k vocab × 4 B = 24 MiB
     queue_timeout_s: float = 120.0  # a request not admitted by then gets 503
 
     def __post_init__(self) -> None:
-        for name in ("max_num_seqs", "max_waiting", "memory_budget", "prefill_chunk", "idle_prefill_chunk"):
+        for name in (
+            "max_num_seqs",
+            "max_waiting",
+            "memory_budget",
+            "prefill_chunk",
+            "idle_prefill_chunk",
+            "logprobs_chunk",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.queue_timeout_s <= 0:
@@ -103,6 +114,8 @@ class Scheduler:
                 break
             if not req.prefilled:
                 n = min(req.prompt_len - req.num_computed, budget)
+                if req.params.prompt_logprobs is not None:
+                    n = min(n, c.logprobs_chunk)
                 out.prefill.append((req, n))
                 budget -= n
         return out

@@ -19,6 +19,7 @@ from dsla_serve.bench.replay import (
     Policy,
     ReplayError,
     RequestRecord,
+    capacity,
     compact_sample,
     compare,
     level_shares,
@@ -27,7 +28,7 @@ from dsla_serve.bench.replay import (
     read_quality,
     summarize,
 )
-from dsla_serve.bench.trace import Trace, TraceRequest
+from dsla_serve.bench.trace import Trace, TraceError, TraceRequest, scale_time, utilization_scale
 from dsla_serve.model.loader import resolve
 from tests.serving.conftest import start_server
 
@@ -37,7 +38,10 @@ def test_policy_parsing():
     assert Policy.parse("static:0.25").serve_args() == ["--policy", "static", "--conversion", "0.25"]
     assert Policy.parse("static:0.5").dsla_body() == {"policy": "static", "level": 0.5}
     assert Policy.parse("adaptive").dsla_body() == {"policy": "adaptive", "level": 0.0}
-    for bad, msg in (("static", "needs a level"), ("static:2", r"\[0, 1\]"), ("fast", "unknown policy")):
+    peer = Policy.parse("url:vllm-gpu=http://10.0.0.2:8000/")  # a server already running elsewhere
+    assert (peer.label, peer.url) == ("vllm-gpu", "http://10.0.0.2:8000")
+    for bad, msg in (("static", "needs a level"), ("static:2", r"\[0, 1\]"), ("fast", "unknown policy"),
+                     ("url:x=ftp://h", "url:LABEL=http")):  # fmt: skip
         with pytest.raises(ValueError, match=msg):
             Policy.parse(bad)
 
@@ -62,6 +66,21 @@ def test_summarize_counts_failures_against_the_slo():
     # only request 0 meets both (request 1: TPOT 2 s; request 2: TTFT 3 s; request 3 failed) -> 1 of 4
     assert s["slo"]["attainment"] == pytest.approx(0.25)
     assert s["output_tokens"] == 12 and s["output_tokens_per_s"] == pytest.approx(1.2)
+
+
+def test_target_utilization_scale_from_a_servers_measured_throughput():
+    # a capacity run: 4 requests sent at once, the last done after 8 s (one failed: it does not count)
+    recs = [record(i, 0.5, e2e, 4) for i, e2e in enumerate((2.0, 4.0, 6.0, 8.0))] + [record(4, 0, 0, 0, "http 500")]
+    rps = capacity(recs)
+    assert rps == pytest.approx(0.5)
+    trace = Trace([TraceRequest(t, 100, 10) for t in (0.0, 2.0, 5.0, 7.0, 10.0)], "test")  # 0.4 requests/s
+    factor = utilization_scale(trace, rps, 0.5)  # to arrive at half the capacity: 0.25 requests/s
+    assert factor == pytest.approx(1.6)
+    assert scale_time(trace, factor).stats()["rate_per_s"] == pytest.approx(0.25)
+    with pytest.raises(TraceError, match="two requests"):
+        utilization_scale(Trace([TraceRequest(0.0, 100, 10)], "one"), rps, 0.5)
+    with pytest.raises(ReplayError, match="no request"):
+        capacity([record(0, 0, 0, 0, "http 500")])
 
 
 def test_level_shares_and_quality_cost():
@@ -134,12 +153,16 @@ def test_replay_against_real_server_under_two_policies(server, tiny_trace, tmp_p
         assert levels == {level}  # the policy was switched through POST /v1/dsla before the replay
         assert set(run["level_shares"]) <= {f"{level:g}"}
     assert result["baseline"] == "off" and result["runs"][0]["e2e_mean_speedup_vs_first"] == 1.0
+    assert result["runs"][0]["per_token_speedup_vs_first"] == 1.0
+    assert result["runs"][1]["controller"]["policy"] == "static"  # what the server ran with, and its decisions
+    assert result["runs"][1]["controller"]["decisions"][-1]["trigger"] == "manual"
     result |= {"trace": trace.describe(), "machine": {"cpu": "x", "cores": 2, "torch_threads": 2, "torch": "t",
                "platform": "p"}, "settings": {"endpoint": "completions", "concurrency": 2, "prompt_text": "shipped",
                "slo_ttft_s": 60.0, "slo_tpot_s": 60.0}}  # fmt: skip
     md = report.write_replay(result, tmp_path / "report")
     text = md.read_text()
     assert "| off | static:0.5 |" in text and "SLO attainment | 100 % | 100 %" in text
+    assert "per output token (end-to-end ÷ tokens) p99 (ms)" in text
     for png in ("latency_cdf.png", "timeline.png"):
         assert (tmp_path / "report" / png).stat().st_size > 5000
     assert json.loads((tmp_path / "report" / "replay.json").read_text())["runs"][1]["policy"] == "static:0.5"
@@ -150,13 +173,18 @@ def test_replay_command_on_a_synthetic_trace(server, tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "dsla_serve.cli", "replay", "--synthetic", "3", "--rate", "5", "--arrival", "bursty",
          "--max-prompt", "48", "--max-output", "3", "--url", server.url, "--out", str(out), "--json",
-         "--save-trace", str(tmp_path / "t.csv")],
+         "--save-trace", str(tmp_path / "t.csv"), "--target-utilization", "0.5"],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout)["server default"]
     assert summary["completed"] == 3 and summary["output_tokens"] <= 9
     assert (out / "REPLAY.md").is_file() and (out / "latency_cdf.png").is_file()
+    saved = json.loads((out / "replay.json").read_text())
+    load = saved["settings"]["utilization"]  # the capacity run, then the trace scaled to half of it
+    assert load["capacity_run"]["completed"] == 3 and load["capacity_requests_per_s"] > 0
+    assert saved["trace"]["rate_per_s"] == pytest.approx(0.5 * load["capacity_requests_per_s"])
+    assert "utilisation 0.5" in (out / "REPLAY.md").read_text()
     assert (tmp_path / "t.csv").read_text().startswith("TIMESTAMP,ContextTokens,GeneratedTokens")
     bad = subprocess.run([sys.executable, "-m", "dsla_serve.cli", "replay", "--trace", str(tmp_path / "t.csv"),
                           "--synthetic", "3"], capture_output=True, text=True, timeout=120)  # fmt: skip

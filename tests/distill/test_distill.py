@@ -90,6 +90,33 @@ def test_e2e_stage_lowers_kl(corpus, tmp_path):
         assert c["e2e"]["kl"]["last"] < c["e2e"]["kl"]["first"]
 
 
+def test_prefix_e2e_with_window_and_adapters_lowers_kl_and_resumes(corpus, tmp_path):
+    """The chosen design: window + adapters, an e2e stage training every converted layer so far.
+
+    The first layer is trained again at the second step (and saved again); a run interrupted in the
+    second layer's e2e stage resumes from the first layer as it was saved."""
+    from dsla_serve.config import DSLAConfig
+
+    out = tmp_path / "run"
+    kw = dict(order=[2, 0], steps=10, batch_size=2, lr=1e-2, bf16_frozen=False, e2e_steps=12, e2e_seq_len=32,
+              e2e_scope="prefix", e2e_lr=3e-3, dsla=DSLAConfig(window=8, adapter_rank=4),
+              weights=LossWeights(attn=1.0, kl=1.0))  # fmt: skip
+
+    def stop_in_second_e2e(phase, step, total, losses):
+        if phase == "layer 0 e2e" and step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        distill(HybridModel(tiny_llama(vocab_size=49152)), corpus, DistillConfig(**kw), out, stop_in_second_e2e)
+    after_first = (out / "layer_2.safetensors").read_bytes()
+    manifest = distill(HybridModel(tiny_llama(vocab_size=49152)), corpus, DistillConfig(**kw), out)
+    assert [c["layer"] for c in manifest["chain"]] == [2, 0]
+    for c in manifest["chain"]:
+        assert c["e2e"]["kl"]["last"] < c["e2e"]["kl"]["first"], c["layer"]
+    assert (out / "layer_2.safetensors").read_bytes() != after_first  # the prefix stage trained layer 2 again
+    assert manifest["dsla_config"]["window"] == 8 and manifest["dsla_config"]["adapter_rank"] == 4
+
+
 def test_interrupted_run_resumes_and_skips_finished_layers(corpus, tmp_path):
     out = tmp_path / "run"
     cfg = DistillConfig(order=[2, 0, 1], steps=10, bf16_frozen=False)

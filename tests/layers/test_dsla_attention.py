@@ -74,7 +74,7 @@ def test_gla_variant_is_single_state(tiny):
     g_far, g_close = layer.gates(k, v)
     assert torch.equal(g_far, g_close)
     cos, sin = tiny.model.rotary_emb(x, torch.arange(9)[None])
-    o_layer, _ = layer.attend(q, k, v, cos, sin)
+    o_layer = layer.attend(q, k, v, cos, sin)[0]
     # one state, weight 1 on it: equals the dual kernel run with both gates equal and w = (1, 0)
     o_ref, _ = naive_dsla(q, k, v, g_far, g_far, torch.tensor([30.0, -30.0]))  # default config: no RoPE
     out_gate = 2 * torch.sigmoid(layer.out_gate(q) + layer.out_gate_bias[:, None])

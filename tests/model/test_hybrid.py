@@ -106,15 +106,21 @@ def test_corrupted_or_incomplete_checkpoints_are_refused(tmp_path):
         convert(tiny_llama(), [0], weights=tmp_path / "nowhere")
 
 
-def hybrid_with(layers, seed=0):
+def hybrid_with(layers, seed=0, window=0, adapter_rank=0):
     model = tiny_llama(seed)
-    randomize_gates(convert(model, layers).values())
+    randomize_gates(convert(model, layers, config=DSLAConfig(window=window, adapter_rank=adapter_rank)).values())
     return HybridModel(model)
 
 
+WINDOWS = pytest.mark.parametrize("window", [0, 8], ids=["W0", "W8"])
+ADAPTERS = pytest.mark.parametrize("adapter_rank", [0, 4], ids=["plain", "adapters"])
+
+
+@WINDOWS
 @pytest.mark.parametrize("plan", [[], [1, 2], [0, 1, 2, 3]], ids=["attention", "mixed", "all-dsla"])
-def test_prefill_then_decode_equals_full_forward(plan):
-    hybrid = hybrid_with(range(4))
+@ADAPTERS
+def test_prefill_then_decode_equals_full_forward(plan, window, adapter_rank):
+    hybrid = hybrid_with(range(4), window=window, adapter_rank=adapter_rank)
     ids = torch.randint(0, 99, (2, 45))
     full, _ = hybrid(ids, dsla_layers=plan)
     cache = HybridCache([hybrid.new_cache(plan, capacity=4) for _ in range(2)])  # forces KV growth
@@ -124,8 +130,10 @@ def test_prefill_then_decode_equals_full_forward(plan):
     assert all(s.length == 45 for s in cache.sequences)
 
 
-def test_chunked_prefill_equals_one_shot():
-    hybrid = hybrid_with(range(4))
+@WINDOWS
+@ADAPTERS
+def test_chunked_prefill_equals_one_shot(window, adapter_rank):
+    hybrid = hybrid_with(range(4), window=window, adapter_rank=adapter_rank)
     ids = torch.randint(0, 99, (1, 100))
     for plan in ([], [0, 3]):
         one = prefill(hybrid, ids, HybridCache([hybrid.new_cache(plan)]), chunk=1000)
@@ -133,24 +141,44 @@ def test_chunked_prefill_equals_one_shot():
         torch.testing.assert_close(chunked, one, atol=1e-5, rtol=1e-5)
 
 
-def test_batch_mixing_plans_matches_each_sequence_alone():
-    """One batched step over sequences whose plans differ == each sequence run on its own."""
-    hybrid = hybrid_with(range(4))
-    plans = [[], [3], [1, 2, 3], [0, 1, 2, 3]]
-    ids = torch.randint(0, 99, (4, 12))
+@WINDOWS
+@ADAPTERS
+def test_batch_mixing_plans_matches_each_sequence_alone(window, adapter_rank):
+    """Batched steps over sequences whose plans and lengths differ == each sequence run on its own."""
+    hybrid = hybrid_with(range(4), window=window, adapter_rank=adapter_rank)
+    plans = [[], [3], [1, 2, 3], [0, 1, 2, 3], [0, 1, 2, 3]]
+    lengths = [12, 3, 9, 20, 5]  # shorter and longer than the window
+    ids = torch.randint(0, 99, (5, 24))
     cache = HybridCache([hybrid.new_cache(p) for p in plans])
-    hybrid(ids, cache=cache)
-    nxt = torch.randint(0, 99, (4, 1))
-    batched, _ = hybrid(nxt, cache=cache)
-    for b, plan in enumerate(plans):
-        alone, _ = hybrid(torch.cat([ids[b : b + 1], nxt[b : b + 1]], 1), dsla_layers=plan)
+    for b, n in enumerate(lengths):
+        hybrid(ids[b : b + 1, :n], cache=HybridCache([cache[b]]))
+    for step in range(4):
+        nxt = torch.stack([ids[b, n + step] for b, n in enumerate(lengths)])[:, None]
+        batched, _ = hybrid(nxt, cache=cache)
+    for b, (plan, n) in enumerate(zip(plans, lengths, strict=True)):
+        alone, _ = hybrid(ids[b : b + 1, : n + 4], dsla_layers=plan)
         torch.testing.assert_close(batched[b, -1], alone[0, -1], atol=1e-5, rtol=1e-5)
 
 
-def test_fold_then_continue_matches_sequence_that_started_as_dsla():
+def test_window_layers_equal_attention_on_short_sequences():
+    """Freshly converted layers with a window of W: a sequence of <= W tokens gets the attention's output exactly."""
+    model = tiny_llama()
+    ids = torch.randint(0, 99, (2, 16))
+    ref, _ = HybridModel(model)(ids, dsla_layers=[])
+    convert(model, range(4), config=DSLAConfig(window=16))
+    out, _ = HybridModel(model)(ids, dsla_layers=range(4))
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    longer, _ = HybridModel(model)(torch.randint(0, 99, (1, 40)), dsla_layers=range(4))
+    assert torch.isfinite(longer).all()
+
+
+@WINDOWS
+@ADAPTERS
+def test_fold_then_continue_matches_sequence_that_started_as_dsla(window, adapter_rank):
     """Converting the last layer in flight: earlier layers' caches are unaffected, so the rest of the
-    generation must equal a sequence that ran DSLA at that layer from the start."""
-    hybrid = hybrid_with([3])
+    generation must equal a sequence that ran DSLA at that layer from the start. With a window the
+    last W cached keys/values stay exact and only older ones fold into the states."""
+    hybrid = hybrid_with([3], window=window, adapter_rank=adapter_rank)
     ids = torch.randint(0, 99, (1, 50))
     running = HybridCache([hybrid.new_cache([])])
     started = HybridCache([hybrid.new_cache([3])])
@@ -159,14 +187,19 @@ def test_fold_then_continue_matches_sequence_that_started_as_dsla():
     kv_before = running[0].kv_bytes()
     hybrid.fold_to_dsla(running[0], [3])
     assert running[0].dsla_layers == {3} and running[0].kv_bytes() < kv_before
+    folded, prefilled = running[0].layers[3], started[0].layers[3]
+    for a, b in zip((*folded.state, folded.keys, folded.values), (*prefilled.state, prefilled.keys, prefilled.values),
+                    strict=True):  # fmt: skip
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     for t in range(40, 50):
         a, _ = hybrid(ids[:, t : t + 1], cache=running)
         b, _ = hybrid(ids[:, t : t + 1], cache=started)
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
-def test_cache_bytes_per_sequence():
-    hybrid = hybrid_with(range(4))
+@WINDOWS
+def test_cache_bytes_per_sequence(window):
+    hybrid = hybrid_with(range(4), window=window)
     short, long = torch.randint(0, 99, (1, 10)), torch.randint(0, 99, (1, 200))
     sizes = {}
     for plan in ([], [0, 1], [0, 1, 2, 3]):

@@ -8,7 +8,7 @@ import torch
 
 from dsla_serve.model import HybridCache, HybridModel, convert
 from dsla_serve.model.convert import original_attention
-from dsla_serve.model.quant import INT4_MAX_ROWS, Int4Linear, quantize_int4, quantize_model_int4
+from dsla_serve.model.quant import INT4_MAX_ROWS, Int4Linear, Int8Linear, quantize_int4, quantize_model
 from tests.conftest import randomize_gates, tiny_llama
 
 PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -58,12 +58,45 @@ def test_quantised_hybrid_shares_projections_and_decodes_consistently():
                 lin.weight.copy_(Int4Linear(lin).weight_bf16.float())
     ref, _ = HybridModel(reference)(ids, dsla_layers=[1])
     model = model.to(torch.bfloat16)
-    assert quantize_model_int4(model) == 4 * 7
+    assert quantize_model(model, "int4", lm_head=False) == 4 * 7
     dsla = model.model.layers[1].self_attn
     assert isinstance(dsla.q_proj, Int4Linear) and dsla.q_proj is dsla.replaced.q_proj
     hybrid = HybridModel(model)
     full, _ = hybrid(ids, dsla_layers=[1])
     torch.testing.assert_close(full.float(), ref, atol=0.1, rtol=0.05)  # bf16 activations, logits ~0.5
+    cache = HybridCache([hybrid.new_cache([1])])
+    steps = [hybrid(ids[:, :20], cache=cache)[0]] + [hybrid(ids[:, t : t + 1], cache=cache)[0] for t in range(20, 30)]
+    torch.testing.assert_close(torch.cat(steps, 1).float(), full.float(), atol=0.1, rtol=0.05)
+
+
+def test_int8_codes_error_bound_and_kernel():
+    lin = torch.nn.Linear(96, 48, bias=True)
+    q = Int8Linear(lin)
+    assert q.codes.dtype == torch.int8 and q.codes.abs().max() <= 127
+    w = lin.weight.detach()
+    # half a quantisation step per output channel, plus bf16 rounding of the scale
+    assert (
+        (q.weight.float() - w).abs() <= 0.5 * w.abs().amax(1, keepdim=True) / 127 + 0.01 * w.abs().amax(1, keepdim=True)
+    ).all()
+    x = torch.randn(5, 96)
+    ref = x @ q.weight.float().T + q.bias.float()
+    torch.testing.assert_close(q(x), ref, atol=0.05, rtol=0.02)
+    assert q(x).dtype == x.dtype
+
+
+def test_int8_hybrid_matches_float32_within_tolerance_and_decodes_consistently():
+    model = tiny_llama()
+    randomize_gates(convert(model, [1, 3]).values())
+    ids = torch.randint(0, 99, (1, 30))
+    ref, _ = HybridModel(model)(ids, dsla_layers=[1])
+    model = model.to(torch.bfloat16)
+    assert quantize_model(model, "int8") == 4 * 7 + 1  # every projection and the lm_head
+    assert isinstance(model.lm_head, Int8Linear)
+    dsla = model.model.layers[1].self_attn
+    assert dsla.o_proj is original_attention(model, 1).o_proj
+    hybrid = HybridModel(model)
+    full, _ = hybrid(ids, dsla_layers=[1])
+    torch.testing.assert_close(full.float(), ref, atol=0.1, rtol=0.05)
     cache = HybridCache([hybrid.new_cache([1])])
     steps = [hybrid(ids[:, :20], cache=cache)[0]] + [hybrid(ids[:, t : t + 1], cache=cache)[0] for t in range(20, 30)]
     torch.testing.assert_close(torch.cat(steps, 1).float(), full.float(), atol=0.1, rtol=0.05)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from transformers import AutoTokenizer
 
 from dsla_serve.model import HybridModel, convert
 from dsla_serve.model.loader import resolve
 from dsla_serve.model.pretrained import HybridInfo
+from dsla_serve.serving.api.server import ApiConfig
 from dsla_serve.serving.controller import ControllerConfig
 from dsla_serve.serving.engine import EngineCore
 from dsla_serve.serving.launch import ServerThread, build_app
@@ -38,10 +41,21 @@ def make_core(tokenizer, sched: dict | None = None, ctrl: dict | None = None) ->
                       ControllerConfig(**({"policy": "off"} | (ctrl or {}))))  # fmt: skip
 
 
-def start_server(tokenizer, sched: dict | None = None, ctrl: dict | None = None) -> ServerThread:
-    hybrid, info = tiny_hybrid(tokenizer)
+def start_server(tokenizer, sched: dict | None = None, ctrl: dict | None = None, api: dict | None = None,
+                 hybrid: tuple[HybridModel, HybridInfo] | None = None) -> ServerThread:  # fmt: skip
+    """A real server on a loopback port over the tiny model (or ``hybrid``); ``api``: ApiConfig fields."""
+    hybrid, info = hybrid or tiny_hybrid(tokenizer)
     app, engine = build_app(hybrid, tokenizer, info, SchedulerConfig(**(sched or {})),
-                            ControllerConfig(**({"policy": "off"} | (ctrl or {}))), default_max_tokens=32)  # fmt: skip
+                            ControllerConfig(**({"policy": "off"} | (ctrl or {}))),
+                            ApiConfig(**({"default_max_tokens": 32} | (api or {}))))  # fmt: skip
     server = ServerThread(app)
-    server.engine = engine  # tests read the engine's state directly
+    server.engine = engine  # tests read the engine's published snapshot
     return server
+
+
+def wait_until(condition, timeout_s: float = 30.0, what: str = "condition") -> None:
+    """Poll ``condition()`` every 20 ms until it is true; fail after timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)

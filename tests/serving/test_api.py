@@ -12,7 +12,7 @@ import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.serving.conftest import CONTEXT, MODEL, start_server, tiny_hybrid
+from tests.serving.conftest import CONTEXT, MODEL, start_server, tiny_hybrid, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -252,12 +252,9 @@ def test_disconnect_cancels_the_sequence_and_frees_its_cache(tokenizer):
         }) as r:  # fmt: skip
             lines = r.iter_lines()
             assert next(line for line in lines if line.startswith("data:"))
-            assert srv.engine.core.scheduler.running
-        deadline = time.monotonic() + 30
-        while srv.engine.core.scheduler.running and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not srv.engine.core.scheduler.running
-        assert srv.engine.core.scheduler.used == 0
+            wait_until(lambda: srv.engine.snapshot().running == 1, what="the stream to run")
+        wait_until(lambda: srv.engine.snapshot().running == 0, what="the aborted sequence to leave")
+        assert srv.engine.snapshot().state["memory"]["used_bytes"] == 0
         aborted = httpx.get(srv.url + "/metrics").text
         assert 'dsla_requests_total{outcome="aborted"} 1.0' in aborted
 
@@ -267,10 +264,7 @@ def test_non_streaming_client_that_gives_up_frees_its_cache(tokenizer):
         body = {"model": MODEL, "prompt": "An endless tale", "max_tokens": 900, "ignore_eos": True}
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(srv.url + "/v1/completions", json=body, timeout=httpx.Timeout(30, read=0.5))
-        deadline = time.monotonic() + 30
-        while srv.engine.core.scheduler.running and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not srv.engine.core.scheduler.running and srv.engine.core.scheduler.used == 0
+        wait_until(lambda: srv.engine.snapshot().running == 0, what="the abandoned sequence to leave")
         assert httpx.get(srv.url + "/v1/dsla").json()["memory"]["used_bytes"] == 0
 
 
@@ -279,8 +273,7 @@ def test_queue_timeout_answers_503_with_retry_after(tokenizer):
         long = threading.Thread(target=httpx.post, args=(srv.url + "/v1/completions",), kwargs={"timeout": 60, "json": {
             "model": MODEL, "prompt": "hold the slot", "max_tokens": 300, "ignore_eos": True}})  # fmt: skip
         long.start()
-        while not srv.engine.core.scheduler.running:
-            time.sleep(0.01)
+        wait_until(lambda: srv.engine.snapshot().running, what="the long request to run")
         r = httpx.post(
             srv.url + "/v1/completions", json={"model": MODEL, "prompt": "late", "max_tokens": 2}, timeout=30
         )
@@ -320,8 +313,7 @@ def test_shutdown_drains_running_requests(tokenizer):
 
     t = threading.Thread(target=long_request)
     t.start()
-    while not srv.engine.core.scheduler.running:
-        time.sleep(0.01)
+    wait_until(lambda: srv.engine.snapshot().running, what="the request to run")
     srv.__exit__(None, None, None)  # the same path as SIGTERM: stop accepting, finish what runs
     t.join(60)
     assert result["r"].status_code == 200 and result["r"].json()["usage"]["completion_tokens"] == 80

@@ -175,7 +175,7 @@ def test_shutdown_past_its_drain_timeout_fails_what_is_left_instead_of_hanging(t
         engine.start()
         ids = tokenizer("an endless tale", add_special_tokens=False).input_ids
         job = engine.submit([ids], RequestParams(max_tokens=900, ignore_eos=True))
-        while not engine.core.scheduler.running:
+        while not engine.snapshot().running:
             await asyncio.sleep(0.01)
         await engine.shutdown(timeout_s=0.2)
         assert not engine.alive
@@ -186,3 +186,27 @@ def test_shutdown_past_its_drain_timeout_fails_what_is_left_instead_of_hanging(t
 
     out = asyncio.run(scenario())
     assert out.error is not None and out.error.status == 503 and out.error.retry_after
+
+
+def test_prompt_logprobs_are_read_in_small_chunks_and_equal_a_full_forward(tokenizer):
+    """Scoring a 100-token prompt with logprobs_chunk=32: four prefill steps, each materialising logits
+    for at most 32 positions, and the entries equal the log-softmax of one full forward."""
+    core = make_core(tokenizer, sched={"logprobs_chunk": 32, "idle_prefill_chunk": 2048})
+    ids = torch.randint(0, 5000, (100,), generator=torch.Generator().manual_seed(0)).tolist()
+    outs: list[Output] = []
+    req = Request("scored", ids, RequestParams(max_tokens=0, prompt_logprobs=1), outs.append)
+    core.add(req)
+    chunks = []
+    while req.status != Status.FINISHED:
+        before = req.num_computed
+        core.step()
+        chunks.append(req.num_computed - before)
+    assert chunks == [32, 32, 32, 4]
+    entries = outs[-1].prompt_logprobs
+    hybrid, _ = tiny_hybrid(tokenizer)
+    with torch.no_grad():
+        logits, _ = hybrid(torch.tensor([ids]), dsla_layers=[])
+    want = torch.log_softmax(logits[0, :-1].double(), -1).gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
+    assert entries[0].logprob is None and [e.token_id for e in entries] == ids
+    torch.testing.assert_close(torch.tensor([e.logprob for e in entries[1:]], dtype=torch.float64), want, atol=1e-4,
+                               rtol=1e-4)  # fmt: skip

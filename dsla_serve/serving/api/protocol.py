@@ -4,6 +4,11 @@ Known fields are validated strictly: a wrong type (no coercion: "5" is not an in
 boolean), a value out of range or an unsupported option (n > 1, penalties, logit_bias, tools) is a
 400 whose message names the field and what to do. Unknown fields are ignored and logged, as vLLM
 does: clients such as lm-eval forward generation options this server has no use for.
+
+Limits keep one request from costing the server more than its share: the body size (413, checked
+before it is read), at most ``MAX_STOP`` stop strings of at most ``MAX_STOP_CHARS`` characters,
+n = 1, logprobs <= 5 (chat: top_logprobs <= 20); prompt tokens and max_tokens are checked against
+the context (and ``--max-prompt-tokens``) by the server.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ import re
 from collections.abc import Callable
 from typing import Any, Literal
 
+from fastapi import Request
+from jinja2 import TemplateError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dsla_serve.serving.request import EngineError, RequestParams, TokenLogprob
@@ -21,15 +28,17 @@ from dsla_serve.serving.request import EngineError, RequestParams, TokenLogprob
 log = logging.getLogger(__name__)
 
 MAX_STOP = 4
+MAX_STOP_CHARS = 256
 TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}  # pydantic's names of union members
 
 
 class ApiError(EngineError):
     """An error answered before the engine sees the request; ``param`` names the offending field."""
 
-    def __init__(self, status: int, message: str, code: str, param: str | None = None):
+    def __init__(self, status: int, message: str, code: str, param: str | None = None,
+                 headers: dict[str, str] | None = None):  # fmt: skip
         super().__init__(status, message, code)
-        self.param = param
+        self.param, self.headers = param, headers
 
 
 def error_body(e: EngineError) -> dict:
@@ -66,6 +75,12 @@ class StreamOptions(Body):
     include_usage: bool = False
 
 
+class DSLAOptions(Strict):
+    """Extension ``"dsla": {"max_level": 0}``: the most conversion this request accepts (a quality floor)."""
+
+    max_level: float = Field(1.0, ge=0, le=1)
+
+
 class Common(Body):
     """Fields shared by completions and chat completions."""
 
@@ -82,6 +97,11 @@ class Common(Body):
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
+    dsla: DSLAOptions | None = None  # extension (OpenAI clients: extra_body={"dsla": {...}})
+
+    @property
+    def dsla_max_level(self) -> float:
+        return self.dsla.max_level if self.dsla is not None else 1.0
 
     @field_validator("stop")
     @classmethod
@@ -89,11 +109,14 @@ class Common(Body):
         stops = [v] if isinstance(v, str) else list(v or [])
         if len(stops) > MAX_STOP:
             raise ValueError(f"at most {MAX_STOP} stop sequences, got {len(stops)}")
+        longest = max(map(len, stops), default=0)
+        if longest > MAX_STOP_CHARS:
+            raise ValueError(f"a stop sequence has at most {MAX_STOP_CHARS} characters, got one of {longest}")
         return [s for s in stops if s]
 
     def check_supported(self) -> None:
         for name, ok, what in (
-            ("n", self.n == 1, "only n=1 is supported; send several requests instead"),
+            ("n", self.n == 1, f"only n=1 is served (got n={self.n}): send one request per completion"),
             ("presence_penalty", self.presence_penalty == 0, "presence_penalty is not supported; leave it at 0"),
             ("frequency_penalty", self.frequency_penalty == 0, "frequency_penalty is not supported; leave it at 0"),
             ("logit_bias", not self.logit_bias, "logit_bias is not supported"),
@@ -129,15 +152,23 @@ class CompletionRequest(Common):
             max_tokens=16 if self.max_tokens is None else self.max_tokens,
             temperature=self.temperature, top_p=self.top_p, seed=self.seed, stop=self.stop,
             ignore_eos=self.ignore_eos, logprobs=self.logprobs,
-            prompt_logprobs=self.logprobs if self.echo else None,
+            prompt_logprobs=self.logprobs if self.echo else None, dsla_max_level=self.dsla_max_level,
         )  # fmt: skip
+
+    def echo_texts(self, prompts: list[list[int]], tokenizer) -> list[str]:
+        """The prompts as text, for echo: as sent when they were text, decoded when they were token ids."""
+        items = zip(self.prompt_items, prompts, strict=True)
+        return [p if isinstance(p, str) else tokenizer.decode(ids) for p, ids in items]
+
+    @property
+    def prompt_items(self) -> list:
+        p = self.prompt
+        return [p] if isinstance(p, str) or (isinstance(p, list) and p and all(is_token(t) for t in p)) else p
 
     def prompts(self, tokenizer, vocab_size: int) -> list[list[int]]:
         """The prompt(s) as token-id lists (lm-eval sends token ids; others send text)."""
-        p = self.prompt
+        p = self.prompt_items
         shape = "a string, a list of strings, a list of token ids, or a list of token-id lists"
-        if isinstance(p, str) or (isinstance(p, list) and p and all(is_token(t) for t in p)):
-            p = [p]
         if not isinstance(p, list) or not p:
             raise ApiError(400, f"prompt must be {shape}", "invalid_value", "prompt")
         out = []
@@ -196,6 +227,7 @@ class ChatRequest(Common):
         return RequestParams(
             max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, seed=self.seed, stop=self.stop,
             ignore_eos=self.ignore_eos, logprobs=(self.top_logprobs or 0) if self.logprobs else None,
+            dsla_max_level=self.dsla_max_level,
         )  # fmt: skip
 
     def prompt_ids(self, tokenizer) -> list[int]:
@@ -204,7 +236,7 @@ class ChatRequest(Common):
         messages = [{"role": m.role, "content": m.text()} for m in self.messages]
         try:
             text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        except Exception as e:  # the template rejects the conversation (e.g. role order)
+        except TemplateError as e:  # the template's own raise_exception (e.g. roles must alternate)
             raise ApiError(400, f"the chat template rejected these messages: {e}", "invalid_value", "messages") from e
         return tokenizer(text, add_special_tokens=False).input_ids
 
@@ -218,6 +250,22 @@ def field_path(loc: tuple) -> str:
             break
         keep.append(str(x))
     return ".".join(keep) or (str(loc[0]) if loc else "body")
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, or a 413 once it exceeds ``limit`` bytes (by its Content-Length, before reading it)."""
+    declared = request.headers.get("content-length", "")
+    too_large = ApiError(413, f"the request body exceeds this server's limit of {limit} bytes (--max-body-size)",
+                         "request_too_large")  # fmt: skip
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def is_token(t: object) -> bool:

@@ -1,8 +1,10 @@
 """The FastAPI app: OpenAI-compatible completions and chat (streaming or not), models, health,
 Prometheus metrics, and the DSLA controller's state and override.
 
-Run it with ``dsla-serve serve`` (``dsla_serve/serving/cli.py``). Compute runs on the engine's
-thread; handlers only validate, submit, and turn engine outputs into JSON or server-sent events.
+Run it with ``dsla-serve serve`` (``dsla_serve/serving/cli.py``). The app talks to the engine only
+through ``EngineClient`` (serving/client.py). Handlers read the body (bounded), then parse it,
+tokenise it and apply the chat template on a small thread pool: a large prompt never stalls the
+event loop, which keeps every other stream flowing. Compute runs on the engine's thread.
 """
 
 from __future__ import annotations
@@ -11,15 +13,18 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import Field
 from starlette.exceptions import HTTPException
 
+from dsla_serve.serving.api.auth import Keys, check_admin, check_api
 from dsla_serve.serving.api.protocol import (
     ApiError,
     ChatRequest,
@@ -30,12 +35,34 @@ from dsla_serve.serving.api.protocol import (
     completion_logprobs,
     error_body,
     parse_body,
+    read_body,
     usage,
 )
-from dsla_serve.serving.engine import AsyncEngine, Job
-from dsla_serve.serving.request import EngineError, Output
+from dsla_serve.serving.client import EngineClient, Job
+from dsla_serve.serving.request import EngineError, Output, internal_error
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    """Options of the HTTP layer (the ``dsla-serve serve`` flags of the same names)."""
+
+    served_names: tuple[str, ...] = ()  # names clients use for the model (default: its id)
+    default_max_tokens: int = 256  # chat, when the request gives none
+    drain_timeout_s: float = 300.0
+    keys: Keys = field(default_factory=Keys)
+    max_body_bytes: int = 4 << 20
+    max_prompt_tokens: int | None = None  # None: the model's context
+    # NOTE(decisions): two threads: one huge prompt being tokenised does not hold up a small one behind
+    # it, and more would only contend for the GIL (chat templates are Python) and the cores.
+    tokenizer_threads: int = 2
+
+    def __post_init__(self) -> None:
+        if self.max_body_bytes < 1024:
+            raise ValueError(f"max_body_bytes must be >= 1024, got {self.max_body_bytes}")
+        if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
+            raise ValueError(f"max_prompt_tokens must be >= 1, got {self.max_prompt_tokens}")
 
 
 class DSLAControl(Strict):
@@ -47,8 +74,10 @@ class DSLAControl(Strict):
 
 
 def error_response(e: EngineError) -> JSONResponse:
-    headers = {"Retry-After": str(e.retry_after)} if e.retry_after else None
-    return JSONResponse(error_body(e), status_code=e.status, headers=headers)
+    headers = dict(getattr(e, "headers", None) or {})
+    if e.retry_after:
+        headers["Retry-After"] = str(e.retry_after)
+    return JSONResponse(error_body(e), status_code=e.status, headers=headers or None)
 
 
 class ClientGoneError(Exception):
@@ -74,31 +103,51 @@ async def watched(request: Request, job: Job, awaitable) -> Any:
     return task.result()
 
 
+def dsla_report(out: Output, max_level: float, layers: int) -> dict | None:
+    """Per choice, once finished: the layers it ran as DSLA and the max_level it asked for."""
+    if out.dsla_layers is None:
+        return None
+    return {"dsla_layers": out.dsla_layers, "level": round(out.dsla_layers / layers, 4), "max_level": max_level}
+
+
 def sse(obj: dict) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-def create_app(engine: AsyncEngine, served_names: list[str] | None = None, default_max_tokens: int = 256,
-               drain_timeout_s: float = 300.0) -> FastAPI:  # fmt: skip
+def create_app(client: EngineClient, config: ApiConfig | None = None) -> FastAPI:
     """The app over a (not yet started) engine; the lifespan starts it and drains it on shutdown."""
-    core = engine.core
-    info, tok = core.info, core.tokenizer
-    names = served_names or list(dict.fromkeys([info.model.split(":")[-1], info.model]))  # short name first
+    cfg = config or ApiConfig()
+    served = client.model
+    info, tok = served.info, served.tokenizer
+    names = list(cfg.served_names) or list(dict.fromkeys([served.name.split(":")[-1], served.name]))  # short first
     token_text = TokenText(tok)
-    vocab = core.model.config.vocab_size
+    prompt_limit = min(cfg.max_prompt_tokens or served.context, served.context)
+    pool = ThreadPoolExecutor(cfg.tokenizer_threads, thread_name_prefix="dsla-tokenize")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        engine.start()
+        client.start()
         log.info("serving %s (DSLA weights: %s; order: %s)", names, info.weights or "none, fresh layers",
                  info.order_source)  # fmt: skip
         if info.undistilled:
             log.warning("DSLA layers %s are not distilled (fresh weights): converted output will be poor",
                         info.undistilled)  # fmt: skip
+        if cfg.keys.api is None:
+            log.warning("no API key (--api-key / DSLA_SERVE_API_KEY): every client may use the API")
         yield
-        await engine.shutdown(drain_timeout_s)
+        await client.shutdown(cfg.drain_timeout_s)
+        pool.shutdown(wait=False, cancel_futures=True)
 
-    app = FastAPI(title="dsla-serve", lifespan=lifespan)
+    # no /docs, /redoc or /openapi.json: they would be endpoints outside the keys, and bodies are parsed by hand
+    app = FastAPI(title="dsla-serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+
+    async def api_key(request: Request) -> None:
+        check_api(request, cfg.keys)
+
+    async def admin_key(request: Request) -> None:
+        check_admin(request, cfg.keys)
+
+    user, admin = [Depends(api_key)], [Depends(admin_key)]
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, e: HTTPException) -> JSONResponse:
@@ -110,14 +159,43 @@ def create_app(engine: AsyncEngine, served_names: list[str] | None = None, defau
         return error_response(e)
 
     @app.exception_handler(Exception)
-    async def internal_error(request: Request, e: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s", request.url.path)
-        return error_response(EngineError(500, f"internal error: {type(e).__name__}: {e}", "internal_error"))
+    async def unexpected_error(request: Request, e: Exception) -> JSONResponse:
+        error = internal_error()
+        log.error("error id %s: unhandled error on %s %s", error.error_id, request.method, request.url.path,
+                  exc_info=e)  # fmt: skip
+        return error_response(error)
+
+    async def offload(fn: Callable, *args) -> Any:
+        """Run CPU-bound request preparation (JSON, tokenizer, chat template) off the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
 
     def check_model(name: str) -> None:
         if name not in names:
             raise ApiError(404, f"model {name!r} is not served here; use one of {names} (GET /v1/models)",
                            "model_not_found", "model")  # fmt: skip
+
+    def check_prompts(prompts: list[list[int]], param: str) -> None:
+        for p in prompts:
+            if len(p) > prompt_limit:
+                why = "the model's context" if prompt_limit == served.context else "this server's --max-prompt-tokens"
+                raise ApiError(400, f"the prompt has {len(p)} tokens, over {why} ({prompt_limit} tokens); shorten it",
+                               "context_length_exceeded", param)  # fmt: skip
+
+    def prepare_completion(raw: bytes) -> tuple[CompletionRequest, list[list[int]], list[str]]:
+        body: CompletionRequest = parse_body(raw, CompletionRequest)
+        body.check_supported()
+        check_model(body.model)
+        prompts = body.prompts(tok, served.vocab_size)
+        check_prompts(prompts, "prompt")
+        return body, prompts, body.echo_texts(prompts, tok) if body.echo else []
+
+    def prepare_chat(raw: bytes) -> tuple[ChatRequest, list[int]]:
+        body: ChatRequest = parse_body(raw, ChatRequest)
+        body.check_supported()
+        check_model(body.model)
+        ids = body.prompt_ids(tok)
+        check_prompts([ids], "messages")
+        return body, ids
 
     async def run(request: Request, job: Job, stream: bool, render_stream, collect) -> Response:
         """Answer a submitted job as SSE or JSON, aborting it if the client goes away."""
@@ -158,18 +236,11 @@ def create_app(engine: AsyncEngine, served_names: list[str] | None = None, defau
                 return outs
             out = await job.next()
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", dependencies=user)
     async def completions(request: Request) -> Response:
-        body: CompletionRequest = parse_body(await request.body(), CompletionRequest)
-        body.check_supported()
-        check_model(body.model)
-        prompts = body.prompts(tok, vocab)
-        params = body.params()
-        job = engine.submit(prompts, params)
+        body, prompts, echo_text = await offload(prepare_completion, await read_body(request, cfg.max_body_bytes))
+        job = client.submit(prompts, body.params())
         cid, created = f"cmpl-{job.id}", int(time.time())
-        echo_text = [body.prompt if isinstance(body.prompt, str) else tok.decode(p) for p in prompts]
-        if isinstance(body.prompt, list) and all(isinstance(x, str) for x in body.prompt):
-            echo_text = list(body.prompt)
 
         def lp_of(outs: list[Output]) -> dict | None:
             if body.logprobs is None:
@@ -185,7 +256,8 @@ def create_app(engine: AsyncEngine, served_names: list[str] | None = None, defau
                 text = "".join(x.text for x in o)
                 end = o[-1]
                 choices.append({"index": i, "text": (echo_text[i] if body.echo else "") + text,
-                                "logprobs": lp_of(o), "finish_reason": end.finish_reason})  # fmt: skip
+                                "logprobs": lp_of(o), "finish_reason": end.finish_reason,
+                                "dsla": dsla_report(end, body.dsla_max_level, len(info.order))})  # fmt: skip
                 p_tok, c_tok = p_tok + end.prompt_tokens, c_tok + end.completion_tokens
             return {"id": cid, "object": "text_completion", "created": created, "model": body.model,
                     "choices": choices, "usage": usage(p_tok, c_tok)}  # fmt: skip
@@ -209,19 +281,17 @@ def create_app(engine: AsyncEngine, served_names: list[str] | None = None, defau
             totals[1] += out.completion_tokens
             choice = {"index": out.index, "text": text, "logprobs": lp_of([out]),
                       "finish_reason": out.finish_reason}  # fmt: skip
+            if out.finish_reason is not None:
+                choice["dsla"] = dsla_report(out, body.dsla_max_level, len(info.order))
             return [base | {"choices": [choice]}]
 
         return await run(request, job, body.stream, render, collect)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", dependencies=user)
     async def chat(request: Request) -> Response:
-        body: ChatRequest = parse_body(await request.body(), ChatRequest)
-        body.check_supported()
-        check_model(body.model)
-        ids = body.prompt_ids(tok)
-        room = core.context - len(ids)
-        params = body.params(max(1, min(default_max_tokens, room)))
-        job = engine.submit([ids], params)
+        body, ids = await offload(prepare_chat, await read_body(request, cfg.max_body_bytes))
+        room = served.context - len(ids)
+        job = client.submit([ids], body.params(max(1, min(cfg.default_max_tokens, room))))
         cid, created = f"chatcmpl-{job.id}", int(time.time())
         base = {"id": cid, "created": created, "model": body.model}
 
@@ -232,7 +302,8 @@ def create_app(engine: AsyncEngine, served_names: list[str] | None = None, defau
             message = {"role": "assistant", "content": "".join(x.text for x in o)}
             return base | {"object": "chat.completion",
                            "choices": [{"index": 0, "message": message, "logprobs": lp,
-                                        "finish_reason": end.finish_reason}],
+                                        "finish_reason": end.finish_reason,
+                                        "dsla": dsla_report(end, body.dsla_max_level, len(info.order))}],
                            "usage": usage(end.prompt_tokens, end.completion_tokens)}  # fmt: skip
 
         state = {"role_sent": False, "usage": (0, 0)}
@@ -251,15 +322,17 @@ def create_app(engine: AsyncEngine, served_names: list[str] | None = None, defau
             if out.text or out.finish_reason is not None:
                 delta = {"content": out.text} if out.text else {}
                 lp = chat_logprobs(out.logprobs, token_text) if body.logprobs else None
-                chunks.append(chunk | {"choices": [{"index": 0, "delta": delta, "logprobs": lp,
-                                                    "finish_reason": out.finish_reason}]})  # fmt: skip
+                choice = {"index": 0, "delta": delta, "logprobs": lp, "finish_reason": out.finish_reason}
+                if out.finish_reason is not None:
+                    choice["dsla"] = dsla_report(out, body.dsla_max_level, len(info.order))
+                chunks.append(chunk | {"choices": [choice]})
             if out.finish_reason is not None:
                 state["usage"] = (out.prompt_tokens, out.completion_tokens)
             return chunks
 
         return await run(request, job, body.stream, render, collect)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", dependencies=user)
     async def models() -> dict:
         note = (
             f"DSLA layers {info.undistilled} have no distilled weights (fresh, calibrated only): "
@@ -269,34 +342,33 @@ def create_app(engine: AsyncEngine, served_names: list[str] | None = None, defau
         )
         dsla = {"weights": info.weights, "distilled_layers": info.distilled, "undistilled_layers": info.undistilled,
                 "order": info.order, "order_source": info.order_source, "note": note}  # fmt: skip
-        data = [{"id": n, "object": "model", "created": 0, "owned_by": "dsla-serve", "max_model_len": core.context,
+        data = [{"id": n, "object": "model", "created": 0, "owned_by": "dsla-serve", "max_model_len": served.context,
                  "dsla": dsla} for n in names]  # fmt: skip
         return {"object": "list", "data": data}
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        ok = engine.alive and engine.accepting
-        status = "ok" if ok else ("draining" if engine.alive else "engine stopped")
-        return JSONResponse({"status": status, "running": len(core.scheduler.running),
-                             "waiting": len(core.scheduler.waiting)}, status_code=200 if ok else 503)  # fmt: skip
+        status, snap = client.health(), client.snapshot()
+        return JSONResponse({"status": status, "running": snap.running, "waiting": snap.waiting},
+                            status_code=200 if status == "ok" else 503)  # fmt: skip
 
-    @app.get("/metrics")
+    @app.get("/metrics", dependencies=user)
     async def metrics() -> Response:
-        return Response(core.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+        return Response(client.metrics(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    @app.get("/v1/dsla")
+    @app.get("/v1/dsla", dependencies=user)
     async def dsla_state() -> dict:
-        return core.snapshot()
+        return client.snapshot().state
 
-    @app.post("/v1/dsla")
+    @app.post("/v1/dsla", dependencies=admin)
     async def dsla_control(request: Request) -> dict:
-        body: DSLAControl = parse_body(await request.body(), DSLAControl)
+        body: DSLAControl = parse_body(await read_body(request, cfg.max_body_bytes), DSLAControl)
         try:
-            decision = await asyncio.wait_for(
-                engine.control(policy=body.policy, level=body.level, convert_running=body.convert_running), 120
+            decision, snap = await asyncio.wait_for(
+                client.control(policy=body.policy, level=body.level, convert_running=body.convert_running), 120
             )
         except ValueError as e:
             raise ApiError(400, str(e), "invalid_value") from e
-        return core.snapshot() | {"decision": decision.to_dict()}
+        return snap.state | {"decision": decision.to_dict()}
 
     return app
