@@ -170,13 +170,22 @@ app.command("profile")(profile_command)
 bench_app.command("serving")(bench_serving)
 
 # ---- benchmarks (engine speed and memory) and trace replay: dsla_serve/bench/cli.py
-from dsla_serve.bench.cli import bench_all, bench_decode, bench_memory, bench_prefill, peer_vllm, replay  # noqa: E402
+from dsla_serve.bench.cli import (  # noqa: E402
+    bench_all,
+    bench_decode,
+    bench_memory,
+    bench_precision,
+    bench_prefill,
+    peer_vllm,
+    replay,
+)
 from dsla_serve.bench.soak import bench_soak  # noqa: E402
 
 bench_app.command("prefill")(bench_prefill)
 bench_app.command("decode")(bench_decode)
 bench_app.command("memory")(bench_memory)
 bench_app.command("all")(bench_all)
+bench_app.command("precision")(bench_precision)
 peer_app = typer.Typer(no_args_is_help=True, help="Outside engines on the same model, beside our policies.")
 peer_app.command("vllm")(peer_vllm)
 bench_app.add_typer(peer_app, name="peer")

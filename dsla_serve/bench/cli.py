@@ -91,6 +91,34 @@ bench_memory = suite_command(["memory"], "Cache bytes per sequence after prefill
 bench_all = suite_command(["prefill", "decode", "memory"], "Prefill, decode and memory; --out writes BENCHMARKS.md.")
 
 
+def bench_precision(
+    contexts: str = typer.Option("512,4096", help="Decode contexts in tokens."),
+    levels: str = typer.Option("0,1", help="Conversion levels."),
+    dtypes: str = typer.Option("float32,bfloat16,int8,int4", help="Modes; the first is the reference."),
+    blocks: int = typer.Option(2, min=1, help="Held-out 1024-token blocks per corpus domain for perplexity."),
+    decode_tokens: int = typer.Option(16, min=2),
+    model: str = typer.Option(None, help="Base model (default: embedded SmolLM2-135M-Instruct)."),
+    weights: str = typer.Option("auto", help="DSLA checkpoint dir, 'auto' or 'none'."),
+    threads: int = typer.Option(None, help="Torch threads (default: all cores)."),
+    out: Path = typer.Option(None, help="Write precision.json here."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Decode speed and perplexity change of each precision mode against float32; names the fastest within limits."""
+    from dsla_serve.bench.precision import run
+    from dsla_serve.model.pretrained import set_threads
+
+    set_threads(threads)
+    result = run(model, None if weights == "none" else weights, tuple(d.strip() for d in dtypes.split(",")),
+                 tuple(_numbers(contexts, int, "--contexts")), tuple(_numbers(levels, float, "--levels")), blocks,
+                 decode_tokens, log=lambda m: err.print(m))  # fmt: skip
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1))
+    if as_json:
+        print(json.dumps(result))
+    err.print(f"fastest mode within the perplexity limits: {result['choice']}")
+
+
 def replay(
     trace: Path = typer.Option(None, help="Azure LLM inference trace CSV (TIMESTAMP,ContextTokens,GeneratedTokens)."),
     synthetic: int = typer.Option(None, min=1, help="Instead of --trace: this many synthetic requests."),

@@ -253,8 +253,11 @@ def resume_state(out: Path, fingerprint: dict, cfg: DistillConfig, data: TextDat
     if not file.is_file():
         return None
     manifest = json.loads(file.read_text())
-    theirs = dict(manifest.get("hyperparameters", {}))
     mine = json.loads(json.dumps(cfg.to_dict()))  # as stored: tuples become lists
+    # settings added since a run was made take their defaults (which is what that run used)
+    defaults = json.loads(json.dumps(DistillConfig(order=[]).to_dict()))
+    stored = manifest.get("hyperparameters", {})
+    theirs = {**defaults, **stored, "dsla": {**defaults["dsla"], **stored.get("dsla", {})}}
     old_order, new_order = theirs.pop("order", []), mine.pop("order")
     checks = {
         "base model": manifest.get("base_model") == fingerprint,

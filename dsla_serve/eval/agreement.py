@@ -81,11 +81,23 @@ def summarize(rows: list[dict], keys: tuple[str, ...]) -> dict:
     return {k: sum(r[k] for r in rows) / len(rows) for k in keys} | {"prompts": len(rows)}
 
 
+def teacher_continuations(
+    model: HybridModel, prompts: list[tuple[str, list[int]]], new_tokens: int = 32, batch: int = 8
+) -> Tensor:
+    """The all-attention model's greedy continuations (N, new_tokens): what every level is scored against."""
+    ids = torch.tensor([p for _, p in prompts])  # (N, T): equal lengths by construction
+    return torch.cat([greedy(model, ids[i : i + batch], [], new_tokens) for i in range(0, len(ids), batch)])
+
+
 def agreement_by_level(
     model: HybridModel, prompts: list[tuple[str, list[int]]], order: list[int], levels: list[float],
-    new_tokens: int = 32, batch: int = 8,
+    new_tokens: int = 32, batch: int = 8, reference: Tensor | None = None,
 ) -> list[dict]:  # fmt: skip
-    """One row per level: overall and per-domain agreement, prefix match and KL (see module doc)."""
+    """One row per level: overall and per-domain agreement, prefix match and KL (see module doc).
+
+    ``reference``: ``teacher_continuations`` of these prompts when already known (checkpoints of one
+    base model share them), so the teacher's greedy decode is not run again.
+    """
     for level in levels:
         if not 0 <= level <= 1:
             raise ValueError(f"conversion levels must be in [0, 1], got {level}")
@@ -94,7 +106,10 @@ def agreement_by_level(
     domains = [d for d, _ in prompts]
     ids = torch.tensor([p for _, p in prompts])  # (N, T): equal lengths by construction
     chunks = [slice(i, i + batch) for i in range(0, len(ids), batch)]
-    reference = torch.cat([greedy(model, ids[c], [], new_tokens) for c in chunks])  # (N, n)
+    if reference is None:
+        reference = teacher_continuations(model, prompts, new_tokens, batch)  # (N, n)
+    elif reference.shape != (len(ids), new_tokens):
+        raise ValueError(f"reference is {tuple(reference.shape)}, expected {(len(ids), new_tokens)}")
     keys = ("agreement", "prefix_match", "kl_per_token")
     out = []
     for level in levels:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
+import shlex
+import sys
 import time
 from pathlib import Path
 
@@ -233,31 +236,85 @@ def lm_eval_cmd(
     print(json.dumps(out, default=str) if as_json else json.dumps(out["results"], indent=1, default=str))
 
 
+VARIANT_NAME = re.compile(r"[A-Za-z0-9_.+-]+")  # shown in Markdown tables: no pipes or spaces
+
+
+def parse_variants(items: list[str], dsla: str | None, gla: str | None, model: str | None) -> dict[str, str]:
+    """NAME -> checkpoint dir from --dsla, --gla (in that order) and each --variant NAME=DIR ('auto': shipped)."""
+    from dsla_serve.model.pretrained import shipped_checkpoint
+
+    pairs = [("dsla", dsla)] * bool(dsla) + [("gla", gla)] * bool(gla)
+    for item in items:
+        name, eq, path = (x.strip() for x in item.partition("="))
+        if not eq or not VARIANT_NAME.fullmatch(name) or not path:
+            raise typer.BadParameter(f"--variant takes NAME=DIR (NAME of letters, digits, _.+-), got {item!r}")
+        pairs.append((name, path))
+    if not pairs:
+        raise typer.BadParameter("give at least one checkpoint: --variant NAME=DIR (or --dsla DIR / --gla DIR)")
+    names = [n for n, _ in pairs]
+    if dups := sorted({n for n in names if names.count(n) > 1}):
+        raise typer.BadParameter(f"variant names must be unique; given more than once: {dups}")
+    out = {}
+    for name, path in pairs:
+        resolved = shipped_checkpoint(model) if path == "auto" else Path(path).expanduser()
+        if resolved is None or not (resolved / "manifest.json").is_file():
+            raise typer.BadParameter(f"variant {name}: {path} is not a DSLA checkpoint dir (no manifest.json)")
+        out[name] = str(resolved)
+    return out
+
+
 @eval_app.command("quality")
 def quality(
-    dsla: str = typer.Option(..., help="DSLA checkpoint dir (all layers)."),
-    gla: str = typer.Option(..., help="Single-state GLA checkpoint dir distilled with the same budget."),
-    data: str = typer.Option(PYDOC),
+    variant: list[str] = typer.Option([], "--variant", help="NAME=DIR of a DSLA checkpoint; repeat to compare."),
+    dsla: str = typer.Option(None, help="Shorthand for --variant dsla=DIR (listed first)."),
+    gla: str = typer.Option(None, help="Shorthand for --variant gla=DIR (listed after --dsla)."),
+    data: str = typer.Option(None, help="Held-out text (default: the cache's `data corpus` if built, else pydoc)."),
     seq_len: int = typer.Option(1024, min=300),
-    blocks: int = typer.Option(32, min=1),
-    context: str = typer.Option("1024,2048,4096,8192"),
+    blocks: int = typer.Option(32, min=1, help="Held-out blocks of --seq-len tokens per domain."),
+    prompts: int = typer.Option(64, min=1, help="Agreement prompts, round-robin over the domains."),
+    prompt_tokens: int = typer.Option(64, min=1),
+    new_tokens: int = typer.Option(32, min=1, help="Greedy tokens compared per agreement prompt."),
+    levels: str = typer.Option("0.25,0.5,0.75,1", help="Conversion levels (0 %, all attention, is the reference)."),
+    passkey_levels: str = typer.Option("0.25,0.5", help="Levels at which each variant gets the pass-key test."),
+    context: str = typer.Option("1024,2048,4096,8192", help="Pass-key prompt lengths in tokens."),
     trials: int = typer.Option(8, min=1),
+    filler: str = typer.Option("repetitive,real"),
+    model: str = typer.Option(None, help="Base model of every checkpoint (default: embedded SmolLM2-135M-Instruct)."),
+    dtype: str = typer.Option("float32", help="Perplexity and agreement dtype."),
     passkey_dtype: str = typer.Option("bfloat16", help="Engine dtype for the (long) pass-key prefills."),
+    seed: int = typer.Option(0),
     out_dir: Path = typer.Option(Path("."), help="Where QUALITY.md, quality.json and recency.png go."),
 ) -> None:
-    """Write QUALITY.md: perplexity (DSLA vs GLA) by level, pass-key by context, recency plot."""
+    """Write QUALITY.md: checkpoints side by side on held-out text (per-domain perplexity, geomean ratio,
+    greedy agreement), pass-key by context, recency plot, and each checkpoint's distillation record."""
     from transformers import AutoTokenizer
 
-    from dsla_serve.distill.data import load_data
-    from dsla_serve.eval.report import run_quality, write_report
+    from dsla_serve.distill.corpus import default_corpus_dir
+    from dsla_serve.distill.data import DataError, is_corpus
+    from dsla_serve.eval.report import QualitySettings, eval_text, run_quality, write_report
+    from dsla_serve.model import CheckpointError, ModelLoadError
     from dsla_serve.model.loader import resolve
 
     start = time.perf_counter()
-    tok = AutoTokenizer.from_pretrained(resolve(None)[0])
-    text = load_data(resolve_data(data), tok, seq_len, max_train_blocks=1, max_val_blocks=blocks)
-    val, desc = text.val, text.describe()
-    contexts = [int(c) for c in parse_floats(context, "--context")]
-    result = run_quality(dsla, gla, val, contexts=contexts, trials=trials, passkey_dtype=passkey_dtype,
-                         log=lambda m: err.print(m))  # fmt: skip
-    path = write_report(result, out_dir, desc, time.perf_counter() - start)
+    variants = parse_variants(variant, dsla, gla, model)
+    try:
+        settings = QualitySettings(
+            levels=parse_floats(levels, "--levels"), passkey_levels=parse_floats(passkey_levels, "--passkey-levels"),
+            contexts=[int(c) for c in parse_floats(context, "--context")], trials=trials,
+            fillers=tuple(f.strip() for f in filler.split(",") if f.strip()), prompts=prompts,
+            prompt_tokens=prompt_tokens, new_tokens=new_tokens, dtype=dtype, passkey_dtype=passkey_dtype, seed=seed,
+        )  # fmt: skip
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+    corpus = default_corpus_dir()
+    source = resolve_data(data) if data else str(corpus) if is_corpus(corpus) else resolve_data(PYDOC)
+    try:
+        text = eval_text(source, AutoTokenizer.from_pretrained(resolve(model)[0]), seq_len, blocks)
+        result = run_quality(variants, text, settings, model, log=lambda m: err.print(m))
+    except (DataError, ModelLoadError, CheckpointError, ValueError) as e:
+        err.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from e
+    result.update(command="dsla-serve " + shlex.join(sys.argv[1:]), seconds=time.perf_counter() - start,
+                  created=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))  # fmt: skip
+    path = write_report(result, out_dir)
     err.print(f"wrote {path}")

@@ -32,16 +32,20 @@ def perplexity(hybrid: HybridModel, blocks: Tensor, plan: list[int], batch_size:
 
 
 def perplexity_by_level(
-    hybrid: HybridModel, blocks: Tensor, order: list[int], levels: list[float], bf16: bool = False
-) -> list[dict]:
-    """One row per conversion level: the first round(level * n) layers of ``order`` run DSLA."""
+    hybrid: HybridModel, blocks: Tensor, order: list[int], levels: list[float], bf16: bool = False,
+    teacher: float | None = None,
+) -> list[dict]:  # fmt: skip
+    """One row per conversion level: the first round(level * n) layers of ``order`` run DSLA.
+
+    ``teacher``: the all-attention perplexity on these blocks when already known (several checkpoints
+    of one base model share it), so it is not measured again.
+    """
     rows = []
-    teacher = None
     for level in levels:
         if not 0 <= level <= 1:
             raise ValueError(f"conversion levels must be in [0, 1], got {level}")
         plan = sorted(order[: round(level * len(order))])
-        ppl = perplexity(hybrid, blocks, plan, bf16=bf16)
+        ppl = teacher if not plan and teacher is not None else perplexity(hybrid, blocks, plan, bf16=bf16)
         if not plan:
             teacher = ppl
         rows.append({"conversion": level, "dsla_layers": plan, "ppl": ppl})
@@ -53,13 +57,16 @@ def perplexity_by_level(
 
 
 def perplexity_by_domain(
-    hybrid: HybridModel, blocks: dict[str, Tensor], order: list[int], levels: list[float], bf16: bool = False
-) -> dict:
+    hybrid: HybridModel, blocks: dict[str, Tensor], order: list[int], levels: list[float], bf16: bool = False,
+    teacher: dict[str, float] | None = None,
+) -> dict:  # fmt: skip
     """``perplexity_by_level`` on each domain's blocks, plus the geometric mean of the per-domain ratios.
 
     The geometric mean weighs every domain equally whatever its perplexity scale (code vs prose).
+    ``teacher``: each domain's all-attention perplexity, when already known.
     """
-    domains = {d: {"tokens": b.numel(), "levels": perplexity_by_level(hybrid, b, order, levels, bf16)}
+    teacher = teacher or {}
+    domains = {d: {"tokens": b.numel(), "levels": perplexity_by_level(hybrid, b, order, levels, bf16, teacher.get(d))}
                for d, b in blocks.items()}  # fmt: skip
     geomean = []
     for i, level in enumerate(levels):

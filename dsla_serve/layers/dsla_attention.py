@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from dsla_serve.config import DSLAConfig
 from dsla_serve.ops import GATE_MIN, StatePair, chunk_dsla, step_dsla
+from dsla_serve.ops.naive import mixing_weights
 
 
 def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -237,7 +238,7 @@ class DSLAAttention(nn.Module):
             q_state, k_in, v_in, g_far, g_close, self.alpha, normalize=self.config.normalize, eps=self.config.eps,
             state_buffer=state, gain=self.gain, enters=enters, q_rot=q_rot, beta=self.window_logit(),
             window_keys=None if window is None else window[0], window_values=None if window is None else window[1],
-            window_valid=None if window is None else window[2],
+            window_valid=None if window is None else window[2], weights=self.mix_weights(),
         )  # fmt: skip
         if self.config.output_gate:
             o = o * (2 * torch.sigmoid(self.out_gate(q) + self.out_gate_bias[:, None, :]))
@@ -245,6 +246,14 @@ class DSLAAttention(nn.Module):
 
     def window_logit(self) -> Tensor | None:
         return self.beta if self.config.window else None
+
+    def mix_weights(self) -> Tensor:
+        """softmax over (far, close[, window]) per query head, (Hq, 2|3), cached while alpha/beta do not change."""
+        params = [self.alpha] + ([self.beta] if self.config.window else [])
+        key = tuple((id(p), p.data_ptr(), p._version) for p in params)
+        if getattr(self, "_mix_cache", (None,))[0] != key or torch.is_grad_enabled():
+            self._mix_cache = (key, mixing_weights(self.alpha, self.num_heads, self.window_logit()))
+        return self._mix_cache[1]
 
     def forward(
         self,

@@ -14,6 +14,7 @@ layer plans (the server's continuous batching); ``HybridCache`` groups them for 
 
 from __future__ import annotations
 
+import threading
 import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -67,6 +68,7 @@ class StatePool:
         self.keys = torch.zeros(0, num_kv_heads, window, head_dim, dtype=dtype, device=device)
         self.values = torch.zeros_like(self.keys)
         self.free: list[int] = []
+        self.lock = threading.Lock()  # a slot may come back from garbage collection on another thread
         self.grow(slots)
 
     @property
@@ -86,14 +88,18 @@ class StatePool:
         self.free += range(old + slots - 1, old - 1, -1)
 
     def acquire(self) -> int:
-        if not self.free:
-            self.grow(max(self.capacity, 1))
-        slot = self.free.pop()
-        self.states[slot].zero_()
+        with self.lock:
+            if not self.free:
+                self.grow(max(self.capacity, 1))
+            slot = self.free.pop()
+        # zero the whole slot: unwritten window slots get weight 0, and 0 · NaN left by a failed request is NaN
+        for t in (self.states, self.keys, self.values):
+            t[slot].zero_()
         return slot
 
     def release(self, slot: int) -> None:
-        self.free.append(slot)
+        with self.lock:
+            self.free.append(slot)
 
     def slot_bytes(self) -> int:
         return (self.states[0].nbytes + self.keys[0].nbytes + self.values[0].nbytes) if self.capacity else 0
@@ -103,14 +109,15 @@ class StatePool:
         return self.states.nbytes + self.keys.nbytes + self.values.nbytes
 
     def trim(self) -> None:
-        """Give back the memory of free slots at the end (call when idle)."""
-        free = set(self.free)
-        used = [s for s in range(self.capacity) if s not in free]
-        keep = max(used) + 1 if used else 0
-        if keep < self.capacity:
-            for name in ("states", "keys", "values"):
-                setattr(self, name, getattr(self, name)[:keep].clone())
-            self.free = [s for s in self.free if s < keep]
+        """Give back the memory of free slots at the end (the engine calls it when idle)."""
+        with self.lock:
+            free = set(self.free)
+            used = [s for s in range(self.capacity) if s not in free]
+            keep = max(used) + 1 if used else 0
+            if keep < self.capacity:
+                for name in ("states", "keys", "values"):
+                    setattr(self, name, getattr(self, name)[:keep].clone())
+                self.free = [s for s in self.free if s < keep]
 
     def batch(self, slots: list[int]) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         """States, window keys and values of ``slots``: views when the slots are consecutive (written in
@@ -134,11 +141,18 @@ class StateLayer:
 
     def __init__(self, pool: StatePool):
         self.pool = pool
-        self.slot = pool.acquire()
-        self._finalizer = weakref.finalize(self, pool.release, self.slot)
+        self._slot: int | None = pool.acquire()
+        self._finalizer = weakref.finalize(self, pool.release, self._slot)
+
+    @property
+    def slot(self) -> int:
+        if self._slot is None:
+            raise RuntimeError("this DSLA state was released: its slot may belong to another sequence now")
+        return self._slot
 
     def release(self) -> None:
         self._finalizer()  # runs once: explicit release or garbage collection, whichever comes first
+        self._slot = None
 
     def __deepcopy__(self, memo) -> StateLayer:
         """A copy in a new slot of the same pool (the pool itself is shared, never copied)."""

@@ -169,19 +169,27 @@ def save_dsla(
     if manifest["layers"] and DSLAConfig.from_dict(manifest["dsla_config"]) != config:
         raise CheckpointError(f"{path} holds layers of another DSLA config: {manifest.get('dsla_config')}")
     manifest.update(base_model=fingerprint, dsla_config=config.to_dict())
+    replaced = []
     for i, m in modules.items():
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in m.dsla_parameters().items()}
-        file = f"layer_{i}.safetensors"
+        old = manifest["layers"].get(str(i), {}).get("file")
+        # a layer the manifest already lists is written under a new name and swapped in with the manifest,
+        # so a crash at any point leaves a manifest whose files all match it
+        file = f"layer_{i}.safetensors" if old != f"layer_{i}.safetensors" else f"layer_{i}.b.safetensors"
         save_file(tensors, str(path / file), metadata={"layer": str(i), "base_sha256": fingerprint["sha256"]})
         manifest["layers"][str(i)] = {
             "file": file,
             "shapes": {k: list(v.shape) for k, v in tensors.items()},
             "sha256": hashlib.sha256((path / file).read_bytes()).hexdigest(),
         }
+        if old and old != file:
+            replaced.append(path / old)
     manifest.update(extra or {})
     tmp = path / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
     tmp.replace(path / MANIFEST)
+    for f in replaced:
+        f.unlink(missing_ok=True)
     return path
 
 

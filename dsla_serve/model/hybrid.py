@@ -29,7 +29,7 @@ from dsla_serve.model.cache import HybridCache, KVLayer, SequenceCache, StateLay
 from dsla_serve.model.convert import check_layers, converted_layers, decoder_layers, original_attention
 
 
-def fuse_linears(linears: list[nn.Module]) -> nn.Module:
+def fuse_linears(linears: list[nn.Module]) -> nn.Module | None:
     """One module computing the concatenated outputs of ``linears`` (same input, same kind).
 
     Quantised linears are re-quantised from their dequantised weights: per-output-channel (int8) and
@@ -37,6 +37,8 @@ def fuse_linears(linears: list[nn.Module]) -> nn.Module:
     """
     from dsla_serve.model.quant import QUANTIZERS
 
+    if len({type(m) for m in linears}) > 1:
+        return None  # mixed kinds (a shape one kernel cannot pack): the projections stay separate
     weight = torch.cat([m.weight for m in linears])
     biases = [getattr(m, "bias", None) for m in linears]
     bias = (
@@ -135,8 +137,9 @@ class HybridModel(nn.Module):
         for p in self.pools.values():
             p.trim()
 
-    def qkv(self, i: int) -> nn.Module:
-        """Layer i's q, k and v projections fused into one (rebuilt when the projections change)."""
+    def qkv(self, i: int) -> nn.Module | None:
+        """Layer i's q, k and v projections fused into one (rebuilt when the projections change); None
+        where they cannot be fused."""
         attn = original_attention(self.base, i)
         parts = [attn.q_proj, attn.k_proj, attn.v_proj]
         key = tuple(
@@ -225,7 +228,8 @@ class HybridModel(nn.Module):
         attn = original_attention(self.base, i)
         B, T, _ = h.shape
         Hq, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
-        qkv = self.qkv(i)(h)
+        fused = self.qkv(i)
+        qkv = fused(h) if fused is not None else torch.cat([attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)], -1)
         q = qkv[..., : Hq * D].view(B, T, Hq, D).transpose(1, 2)  # (B, Hq, T, D)
         k = qkv[..., Hq * D : (Hq + Hkv) * D].view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
         v = qkv[..., (Hq + Hkv) * D :].view(B, T, Hkv, D).transpose(1, 2)

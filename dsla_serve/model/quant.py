@@ -86,7 +86,7 @@ class Int8Linear(nn.Module):
         super().__init__()
         w = linear.weight.detach().float()
         self.in_features, self.out_features = w.shape[1], w.shape[0]
-        scale = (w.abs().amax(1) / 127).clamp(min=1e-10)  # (out,)
+        scale = (w.abs().amax(1) / 127).clamp(min=1e-10).to(torch.bfloat16).float()  # (out,), as stored
         self.register_buffer("codes", (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8))
         self.register_buffer("scale", scale.to(torch.bfloat16))
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().to(torch.bfloat16))

@@ -54,19 +54,22 @@ def combine(
     window_read: Tensor | None = None,
     beta: Tensor | None = None,
     has_state: Tensor | None = None,
+    weights: Tensor | None = None,
 ) -> Tensor:
     """Mix state read-outs (2, B, Hq, T, V) and the window's (B, Hq, T, V) into (B, Hq, T, V).
 
     ``has_state`` (B or 1, T) bool: positions whose states hold at least one token; elsewhere the
     output is the window read-out alone. ``gain`` (Hq, V) scales the normalised state read-outs only:
-    the window read-out is already at the attention's scale.
+    the window read-out is already at the attention's scale. ``weights``: ``mixing_weights`` precomputed.
     """
     Hq = reads.shape[2]
     if normalize:
         reads = rms_normalize(reads, eps)
     if gain is not None:
         reads = reads * gain.to(reads.dtype)[:, None, :]
-    w = mixing_weights(alpha, Hq, beta if window_read is not None else None).to(reads.dtype)  # (Hq, 2|3)
+    if weights is None:  # (Hq, 2|3); callers that step many times pass them precomputed
+        weights = mixing_weights(alpha, Hq, beta if window_read is not None else None)
+    w = weights if weights.dtype == reads.dtype else weights.to(reads.dtype)
     out = w[:, 0, None, None] * reads[0] + w[:, 1, None, None] * reads[1]
     if window_read is None:
         return out

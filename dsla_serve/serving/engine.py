@@ -222,7 +222,11 @@ class EngineCore:
 
     def _release(self, req: Request, outcome: str) -> None:
         self.scheduler.remove(req)
+        if req.cache is not None:
+            req.cache.release()  # DSLA slots back to their pools now, not at garbage collection
         req.cache, req.reserved = None, 0
+        if not self.scheduler.running:
+            self.runner.model.trim_pools()  # idle: give back the pools' free slots
         self.metrics.requests.labels(outcome).inc()
 
     def _guard(self, reqs: list[Request], fn: Callable):
@@ -261,6 +265,7 @@ class EngineCore:
         caches = [r.cache for r in s.running if r.cache is not None]
         m.kv_bytes.set(sum(c.kv_bytes() for c in caches))
         m.state_bytes.set(sum(c.state_bytes() for c in caches))
+        m.state_pool_bytes.set(self.runner.model.pool_bytes())
 
     # ---- introspection: built on the engine thread and published whole (AsyncEngine.snapshot)
     def publish(self) -> EngineSnapshot:

@@ -46,6 +46,9 @@ class EngineMetrics:
         self.level = Gauge("dsla_conversion_level", "Fraction of layers new sequences run as DSLA.", registry=r)
         self.kv_bytes = Gauge("dsla_kv_cache_bytes", "KV-cache bytes held by running sequences.", registry=r)
         self.state_bytes = Gauge("dsla_state_bytes", "DSLA state bytes held by running sequences.", registry=r)
+        self.state_pool_bytes = Gauge(
+            "dsla_state_pool_bytes", "Bytes the DSLA state pools hold, free slots included.", registry=r
+        )
         self.budget = Gauge("dsla_memory_budget_bytes", "Cache memory budget.", registry=r)
         self.pressure = Gauge("dsla_memory_pressure", "Reserved cache bytes (and the queue head) / budget.", registry=r)
         self.conversions = Counter(

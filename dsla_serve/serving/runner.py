@@ -79,7 +79,8 @@ class ModelRunner:
 
     @staticmethod
     def sample_batch(reqs: list[Request], logits: Tensor) -> list[tuple[int, TokenLogprob | None, bool]]:
-        """(token, logprob entry, logits finite) for every request from logits (B, V), with one host sync.
+        """(token, logprob entry, logits finite) for every request from logits (B, V), with one host sync
+        (plus one per request that asked for logprobs).
 
         Greedy rows share one argmax; sampled rows draw with their own generator (seeds stay
         per request). A row whose logits are not finite gets a placeholder token and ``False``:

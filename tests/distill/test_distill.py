@@ -108,12 +108,17 @@ def test_prefix_e2e_with_window_and_adapters_lowers_kl_and_resumes(corpus, tmp_p
 
     with pytest.raises(KeyboardInterrupt):
         distill(HybridModel(tiny_llama(vocab_size=49152)), corpus, DistillConfig(**kw), out, stop_in_second_e2e)
-    after_first = (out / "layer_2.safetensors").read_bytes()
+    def layer_file(manifest, i):
+        return out / manifest["layers"][str(i)]["file"]
+
+    after_first = layer_file(json.loads((out / "manifest.json").read_text()), 2).read_bytes()
     manifest = distill(HybridModel(tiny_llama(vocab_size=49152)), corpus, DistillConfig(**kw), out)
     assert [c["layer"] for c in manifest["chain"]] == [2, 0]
     for c in manifest["chain"]:
         assert c["e2e"]["kl"]["last"] < c["e2e"]["kl"]["first"], c["layer"]
-    assert (out / "layer_2.safetensors").read_bytes() != after_first  # the prefix stage trained layer 2 again
+    assert layer_file(manifest, 2).read_bytes() != after_first  # the prefix stage trained layer 2 again
+    # the re-saved layer went to a new file, swapped in with the manifest; the old one is gone
+    assert sorted(p.name for p in out.glob("*.safetensors")) == sorted(e["file"] for e in manifest["layers"].values())
     assert manifest["dsla_config"]["window"] == 8 and manifest["dsla_config"]["adapter_rank"] == 4
 
 
@@ -182,3 +187,17 @@ def test_several_sources_alternate_and_keep_their_split(tmp_path, tokenizer):
     assert all(tuple(r.tolist()) in b_train for r in both.train[1::2])
     val_rows = {tuple(r.tolist()) for r in both.val}
     assert {tuple(r.tolist()) for r in alone.val} <= val_rows  # b's held-out documents stay held out
+
+
+def test_run_from_before_new_settings_still_resumes(corpus, tmp_path):
+    """A manifest written before a setting existed resumes: the missing setting is taken at its default."""
+    out = tmp_path / "run"
+    cfg = dict(steps=5, bf16_frozen=False)
+    distill(HybridModel(tiny_llama(vocab_size=49152)), corpus, DistillConfig(order=[2], **cfg), out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    del manifest["hyperparameters"]["e2e_scope"]
+    for key in ("window", "adapter_rank", "adapters", "window_logit"):
+        del manifest["hyperparameters"]["dsla"][key]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    extended = distill(HybridModel(tiny_llama(vocab_size=49152)), corpus, DistillConfig(order=[2, 0], **cfg), out)
+    assert [c["layer"] for c in extended["chain"]] == [2, 0]
