@@ -247,18 +247,18 @@ def parse_variants(items: list[str], dsla: str | None, gla: str | None, model: s
     for item in items:
         name, eq, path = (x.strip() for x in item.partition("="))
         if not eq or not VARIANT_NAME.fullmatch(name) or not path:
-            raise typer.BadParameter(f"--variant takes NAME=DIR (NAME of letters, digits, _.+-), got {item!r}")
+            raise ValueError(f"--variant takes NAME=DIR (NAME of letters, digits, _.+-), got {item!r}")
         pairs.append((name, path))
     if not pairs:
-        raise typer.BadParameter("give at least one checkpoint: --variant NAME=DIR (or --dsla DIR / --gla DIR)")
+        raise ValueError("give at least one checkpoint: --variant NAME=DIR (or --dsla DIR / --gla DIR)")
     names = [n for n, _ in pairs]
     if dups := sorted({n for n in names if names.count(n) > 1}):
-        raise typer.BadParameter(f"variant names must be unique; given more than once: {dups}")
+        raise ValueError(f"variant names must be unique; given more than once: {dups}")
     out = {}
     for name, path in pairs:
         resolved = shipped_checkpoint(model) if path == "auto" else Path(path).expanduser()
         if resolved is None or not (resolved / "manifest.json").is_file():
-            raise typer.BadParameter(f"variant {name}: {path} is not a DSLA checkpoint dir (no manifest.json)")
+            raise ValueError(f"variant {name}: {path} is not a DSLA checkpoint dir (no manifest.json)")
         out[name] = str(resolved)
     return out
 
@@ -287,7 +287,7 @@ def quality(
 ) -> None:
     """Write QUALITY.md: checkpoints side by side on held-out text (per-domain perplexity, geomean ratio,
     greedy agreement), pass-key by context, recency plot, and each checkpoint's distillation record."""
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     from dsla_serve.distill.corpus import default_corpus_dir
     from dsla_serve.distill.data import DataError, is_corpus
@@ -296,20 +296,25 @@ def quality(
     from dsla_serve.model.loader import resolve
 
     start = time.perf_counter()
-    variants = parse_variants(variant, dsla, gla, model)
-    try:
+    try:  # bad options: one clear line (soft-wrapped), before any model is loaded
+        variants = parse_variants(variant, dsla, gla, model)
         settings = QualitySettings(
             levels=parse_floats(levels, "--levels"), passkey_levels=parse_floats(passkey_levels, "--passkey-levels"),
             contexts=[int(c) for c in parse_floats(context, "--context")], trials=trials,
             fillers=tuple(f.strip() for f in filler.split(",") if f.strip()), prompts=prompts,
             prompt_tokens=prompt_tokens, new_tokens=new_tokens, dtype=dtype, passkey_dtype=passkey_dtype, seed=seed,
         )  # fmt: skip
-    except ValueError as e:
-        raise typer.BadParameter(str(e)) from None
+    except (ValueError, typer.BadParameter) as e:
+        err.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from e
     corpus = default_corpus_dir()
     source = resolve_data(data) if data else str(corpus) if is_corpus(corpus) else resolve_data(PYDOC)
     try:
-        text = eval_text(source, AutoTokenizer.from_pretrained(resolve(model)[0]), seq_len, blocks)
+        model_dir = resolve(model)[0]
+        limit = AutoConfig.from_pretrained(model_dir).max_position_embeddings
+        if too_long := [c for c in settings.contexts if c > limit]:  # fail now, not after hours of perplexity
+            raise ValueError(f"--context {too_long} exceeds the model's {limit} tokens")
+        text = eval_text(source, AutoTokenizer.from_pretrained(model_dir), seq_len, blocks)
         result = run_quality(variants, text, settings, model, log=lambda m: err.print(m))
     except (DataError, ModelLoadError, CheckpointError, ValueError) as e:
         err.print(f"[red]error:[/red] {e}")

@@ -60,31 +60,48 @@ def attention_weights(hybrid: HybridModel, h: Tensor, layer: int) -> Tensor:
 
 @torch.no_grad()
 def linear_weights(hybrid: HybridModel, dsla: DSLAAttention, h: Tensor, block: int = 64) -> Tensor:
-    """(Hq, Tq, T) effective weights |c_ij| (normalised per query) of a DSLA/GLA layer on h (1, T, hidden)."""
-    T, D, G = h.shape[1], hybrid.head_dim, hybrid.num_heads // hybrid.num_kv_heads
+    """(Hq, Tq, T) effective weights |c_ij| (normalised per query) of a DSLA/GLA layer on h (1, T, hidden).
+
+    With a window of W tokens the states hold only tokens j <= i - W (read as S_{i-W}), and the last W
+    tokens get the window's softmax weights; the two parts mix by the layer's weights, the states' scaled
+    by the mean output gain of the head (their read-outs are RMS-normalised, the window's is not).
+    """
+    T, D, G, W = h.shape[1], hybrid.head_dim, hybrid.num_heads // hybrid.num_kv_heads, dsla.config.window
     q, k, v = dsla.project(h)
-    g_far, g_close = dsla.gates(k, v)
+    q_s, k_s, v_s = dsla.state_query(q, h), dsla.adapt("k", k), dsla.adapt("v", v)
+    g_far, g_close = dsla.gates(k_s, v_s)
     cos, sin = hybrid.rotary_emb(h, torch.arange(T)[None])
+    q_rot, k_rot = rotate(q, cos, sin), rotate(k, cos, sin)
     if dsla.config.rope:
-        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
-    q, k, v = q[0].double() * D**-0.5, k[0].double(), v[0].double()
-    w = torch.softmax(dsla.alpha.double(), -1).expand(hybrid.num_heads, 2)
+        q_s, k_s = rotate(q_s, cos, sin), rotate(k_s, cos, sin)
+    q_s, k_s, v_s = q_s[0].double() * D**-0.5, k_s[0].double(), v_s[0].double()
+    w = dsla.mix_weights().double()  # (Hq, 2) or (Hq, 3) with the window last
+    if W:
+        w = w * torch.cat((dsla.gain.double().mean(-1, keepdim=True).expand(-1, 2), torch.ones_like(w[:, 2:])), -1)
     states = [g_far] if dsla.gate_close is None else [g_far, g_close]
     total = torch.zeros(hybrid.num_heads, T - MIN_QUERY, T, dtype=torch.float64)
+    k_rep, v_rep = k_s.repeat_interleave(G, 0), v_s.repeat_interleave(G, 0)
     for s, g in enumerate(states):
-        lam = g[0].double().cumsum(1)  # (Hkv, T, K)
-        lam_q = lam.repeat_interleave(G, 0)
-        k_rep = k.repeat_interleave(G, 0)
+        lam = g[0].double().cumsum(1).repeat_interleave(G, 0)  # (Hq, T, K)
         for start in range(MIN_QUERY, T, block):
-            rows = slice(start, min(start + block, T))
-            decay = torch.exp((lam_q[:, rows, None, :] - lam_q[:, None, :, :]).clamp(max=0))  # (Hq, b, T, K)
-            c = torch.einsum("hik,hijk,hjk->hij", q[:, rows], decay, k_rep)
-            c = c.masked_fill(torch.arange(T)[None, None, :] > torch.arange(rows.start, rows.stop)[None, :, None], 0)
-            read = torch.einsum("hij,hjv->hiv", c, v.repeat_interleave(G, 0))
+            rows = torch.arange(start, min(start + block, T))
+            read_at = rows - W  # the query at i reads the state after token i - W
+            decay = torch.exp((lam[:, read_at, None, :] - lam[:, None, :, :]).clamp(max=0))  # (Hq, b, T, K)
+            c = torch.einsum("hik,hijk,hjk->hij", q_s[:, rows], decay, k_rep)
+            c = c.masked_fill(torch.arange(T)[None, None, :] > read_at[None, :, None], 0)
+            read = torch.einsum("hij,hjv->hiv", c, v_rep)
             rms = read.pow(2).mean(-1, keepdim=True).add(dsla.config.eps).sqrt() if dsla.config.normalize else 1.0
-            total[:, rows.start - MIN_QUERY : rows.stop - MIN_QUERY] += w[:, s, None, None] * c / rms
+            total[:, rows[0] - MIN_QUERY : rows[-1] + 1 - MIN_QUERY] += w[:, s, None, None] * c / rms
     mass = total.abs()
-    return mass / mass.sum(-1, keepdim=True)
+    mass = mass / mass.sum(-1, keepdim=True)
+    if not W:
+        return mass
+    kr = k_rot[0].double().repeat_interleave(G, 0)
+    scores = (q_rot[0].double()[:, MIN_QUERY:] @ kr.transpose(-1, -2)) * D**-0.5  # (Hq, Tq, T)
+    dist = torch.arange(MIN_QUERY, T)[:, None] - torch.arange(T)[None, :]
+    p = torch.softmax(scores.masked_fill((dist < 0) | (dist >= W), -math.inf), -1)
+    w_state = w[:, :2].sum(-1)[:, None, None]
+    return (w_state * mass + w[:, 2, None, None] * p) / (w_state + w[:, 2, None, None])
 
 
 def recency_profiles(hybrid: HybridModel, ids: Tensor, layer: int, layers: dict[str, DSLAAttention]) -> dict:

@@ -256,6 +256,10 @@ def legacy_ppl(result: dict) -> dict:
 # --- QUALITY.md --------------------------------------------------------------------------------------
 
 
+def duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
+
+
 def ratio(x: float) -> str:
     return f"{x:.3f}" if x < 10 else f"{x:.1f}"
 
@@ -354,7 +358,8 @@ def budget(m: dict) -> str:
     return (f"{hp.get('steps')} local + {hp.get('e2e_steps')} end-to-end steps per layer (batch {hp.get('batch_size')}, "
             f"lr {hp.get('lr')}, e2e scope {hp.get('e2e_scope', 'layer')}), {data.get('train_blocks')} training blocks "
             f"of {data.get('seq_len')} tokens from {data.get('source')} (fingerprint "
-            f"{str(m['data_fingerprint'])[:12]}), {len(m['chain'])} layers in {m['chain_seconds'] / 60:.0f} min")  # fmt: skip
+            f"{str(m['data_fingerprint'])[:12]}), {len(m['chain'])} layer{'s' * (len(m['chain']) != 1)} in {duration(m['chain_seconds'])} "
+        f"({duration(m['chain_seconds'] / max(len(m['chain']), 1))} per layer)")  # fmt: skip
 
 
 def conditions_section(result: dict) -> list[str]:
@@ -371,10 +376,12 @@ def conditions_section(result: dict) -> list[str]:
         m, cfg = v["manifest"], v["manifest"]["dsla_config"] or {}
         shown = {k: cfg.get(k) for k in ("variant", "window", "adapter_rank", "adapters", "rope", "normalize",
                                           "output_gate") if k in cfg}  # fmt: skip
+        head = v["order"][: len(v["distilled"])]  # load_hybrid puts the distilled layers first, in their order
+        rest = "" if len(head) == len(v["order"]) else "; the other layers are not distilled (their levels: n/a)"
         lines += [f"**{name}**: `{v['weights']}`",
                   f"- DSLA config: {', '.join(f'{k}={val}' for k, val in shown.items())}",
-                  f"- distilled layers: {len(v['distilled'])} of {len(v['order'])}; order {v['order'][:8]}"
-                  f"{'...' if len(v['order']) > 8 else ''}",
+                  f"- distilled: {len(head)} of {len(v['order'])} layers, in the order {head[:8]}"
+                  f"{'...' if len(head) > 8 else ''}{rest}",
                   f"- budget: {budget(m)}",
                   f"- command: `{m['command'] or 'not recorded'}`", ""]  # fmt: skip
     return lines
@@ -399,7 +406,7 @@ def write_report(result: dict, out_dir: Path) -> Path:
     (out_dir / "quality.json").write_text(json.dumps(result, indent=1))
     names = list(result["variants"])
     lines = [f"# Quality of DSLA checkpoints: {', '.join(names)}", "",
-             f"Produced by `{result['command']}` in {result['seconds'] / 60:.0f} min on {result['machine']['cpu']} "
+             f"Produced by `{result['command']}` in {duration(result['seconds'])} on {result['machine']['cpu']} "
              f"({result['machine']['cores']} cores), {result['created']}. Raw figures: `quality.json`.", ""]  # fmt: skip
     lines += warning_lines(result)
     lines += perplexity_section(result) + agreement_section(result) + passkey_section(result)
