@@ -159,7 +159,7 @@ class DSLAAttention(nn.Module):
         x = torch.cat((k, v), dim=-1).transpose(1, 2).reshape(B, T, 2 * H * D)
         weight, bias = self.gate_weights()
         g = (F.logsigmoid(F.linear(x, weight, bias).float()) / self.config.gate_normalizer).clamp(min=GATE_MIN)
-        g = g.view(B, T, -1, H, D).permute(2, 0, 3, 1, 4)  # (1 or 2, B, H, T, D)
+        g = g.view(B, T, len(weight) // (H * D), H, D).permute(2, 0, 3, 1, 4)  # (1 or 2, B, H, T, D)
         return g[0], g[-1]
 
     def gate_weights(self) -> tuple[Tensor, Tensor]:
@@ -288,9 +288,12 @@ class DSLAAttention(nn.Module):
         cos/sin: (B, L, D) for positions 0..L-1. The last W tokens stay exact as the window; older
         ones fold into the states.
         """
-        B, _, L, D = keys.shape
+        B, H, L, D = keys.shape
         n = max(L - self.config.window, 0)
         window = (keys[:, :, n:].clone(), values[:, :, n:].clone())
+        if n == 0:  # every cached token is still in the window: empty states
+            zeros = keys.new_zeros(B, H, D, D, dtype=torch.float64 if keys.dtype == torch.float64 else torch.float32)
+            return (zeros, zeros.clone()), window
         k = rotate(keys[:, :, :n], cos[:, :n], -sin[:, :n])  # undo RoPE: the gates read un-rotated keys
         k, v = self.adapt("k", k), self.adapt("v", values[:, :, :n])
         g_far, g_close = self.gates(k, v)

@@ -174,16 +174,18 @@ def test_window_layers_equal_attention_on_short_sequences():
 
 @WINDOWS
 @ADAPTERS
-def test_fold_then_continue_matches_sequence_that_started_as_dsla(window, adapter_rank):
+@pytest.mark.parametrize("length", [40, 5], ids=["longer", "shorter-than-window"])
+def test_fold_then_continue_matches_sequence_that_started_as_dsla(window, adapter_rank, length):
     """Converting the last layer in flight: earlier layers' caches are unaffected, so the rest of the
     generation must equal a sequence that ran DSLA at that layer from the start. With a window the
-    last W cached keys/values stay exact and only older ones fold into the states."""
+    last W cached keys/values stay exact and only older ones fold into the states (none, for a
+    sequence shorter than the window)."""
     hybrid = hybrid_with([3], window=window, adapter_rank=adapter_rank)
-    ids = torch.randint(0, 99, (1, 50))
+    ids = torch.randint(0, 99, (1, length + 10))
     running = HybridCache([hybrid.new_cache([])])
     started = HybridCache([hybrid.new_cache([3])])
-    hybrid(ids[:, :40], cache=running)
-    hybrid(ids[:, :40], cache=started)
+    hybrid(ids[:, :length], cache=running)
+    hybrid(ids[:, :length], cache=started)
     kv_before = running[0].kv_bytes()
     hybrid.fold_to_dsla(running[0], [3])
     assert running[0].dsla_layers == {3} and running[0].kv_bytes() < kv_before
@@ -191,7 +193,7 @@ def test_fold_then_continue_matches_sequence_that_started_as_dsla(window, adapte
     for a, b in zip((*folded.state, folded.keys, folded.values), (*prefilled.state, prefilled.keys, prefilled.values),
                     strict=True):  # fmt: skip
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-    for t in range(40, 50):
+    for t in range(length, length + 10):
         a, _ = hybrid(ids[:, t : t + 1], cache=running)
         b, _ = hybrid(ids[:, t : t + 1], cache=started)
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
