@@ -135,12 +135,14 @@ def bench_kernel(
     batch: int = typer.Option(1, min=1),
     repeats: int = typer.Option(5, min=1),
     dtype: str = typer.Option("float32"),
+    window: int = typer.Option(0, min=0, help="DSLA's exact window in tokens."),
+    decode_batch: int = typer.Option(0, min=0, help="Also time attention decode over this many cached sequences."),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Chunked dual-state kernel vs naive reference vs SDPA causal attention, one shape."""
     from dsla_serve.bench.kernels import bench_kernel as run
 
-    r = run(seq_len, heads, head_dim, batch, repeats, dtype)
+    r = run(seq_len, heads, head_dim, batch, repeats, dtype, window, decode_batch)
     if as_json:
         print(json.dumps(r))
         return

@@ -49,6 +49,13 @@ def test_generate_plain_output_and_bad_input():
     assert both.returncode == 2 and "not both" in both.stderr
 
 
+def test_bench_kernel_window_and_decode_attention_json():
+    out = json.loads(run_cli("bench", "kernel", "--seq-len", "200", "--heads", "3", "--repeats", "2", "--window", "32",
+                             "--decode-batch", "3", "--json").stdout)  # fmt: skip
+    assert out["shape"]["window"] == 32 and out["decode_attention_ms"]["batch"] == 3
+    assert all(out["decode_attention_ms"][k] > 0 for k in ("per_sequence_rows", "padded_batch"))
+
+
 def test_bench_kernel_json():
     out = json.loads(run_cli("bench", "kernel", "--seq-len", "200", "--heads", "3", "--repeats", "2", "--json").stdout)
     assert out["shape"]["seq_len"] == 200
