@@ -62,7 +62,10 @@ def generate(
     top_p: float = typer.Option(1.0, min=0.0, max=1.0),
     seed: int = typer.Option(None),
     chat: bool = typer.Option(False, help="Wrap the prompt in the model's chat template."),
-    dtype: str = typer.Option("float32", help="float32 or bfloat16."),
+    dtype: str = typer.Option(
+        "auto",
+        help='"auto" (int8 weights where the CPU has bfloat16 instructions, else float32; measured: docs/bench/precision.json), float32, bfloat16, int8 or int4.',
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Generate a completion and report prefill/decode timing and cache bytes."""

@@ -50,7 +50,9 @@ def suite_command(names: list[str], doc: str):
         baselines: str = typer.Option("hf-generate", help="Outside baselines: hf-generate, llama.cpp, or none."),
         model: str = typer.Option(None, help="Base model (default: embedded SmolLM2-135M-Instruct)."),
         weights: str = typer.Option("auto", help="DSLA checkpoint dir, 'auto' or 'none'."),
-        dtype: str = typer.Option("float32", help="Engine dtype; Hugging Face runs the same where it can."),
+        dtype: str = typer.Option(
+            "auto", help="Engine dtype ('auto': the engine's default here); HF runs the nearest."
+        ),
         threads: int = typer.Option(None, help="Torch threads (default: all cores)."),
         out: Path = typer.Option(None, help="Write bench.json, BENCHMARKS.md and plots into this directory."),
         as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),

@@ -57,12 +57,15 @@ class BenchSettings:
     decode_tokens: int = 16
     grid: str = "cross"  # cross: contexts at batch 1 + batches at batch_context; full: every pair
     batch_context: int = 1024
-    dtype: str = "float32"
+    dtype: str = "auto"
     model: str | None = None
     weights: str | None = "auto"
     baselines: list[str] = field(default_factory=lambda: [HF])
 
     def __post_init__(self) -> None:
+        from dsla_serve.model.pretrained import resolve_dtype
+
+        self.dtype = resolve_dtype(self.dtype)
         if self.grid not in ("cross", "full"):
             raise ValueError(f"grid must be 'cross' or 'full', got {self.grid!r}")
         if not self.contexts or min(self.contexts) < 2 or not self.batches or min(self.batches) < 1:

@@ -65,6 +65,28 @@ def fallback_order(n: int) -> list[int]:
     return list(range(n - 1, -1, -1))
 
 
+AUTO_DTYPE = "int8"
+"""NOTE(decisions): the engine's default on CPUs with bfloat16 instructions (AVX512-BF16 or AMX):
+the fastest mode within the perplexity limits in ``dsla-serve bench precision`` (docs/bench/precision.json)."""
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX); the low-precision modes need it to pay."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_dtype(dtype: str) -> str:
+    """ "auto": ``AUTO_DTYPE`` where the CPU has bfloat16 instructions, float32 elsewhere; other names as given."""
+    if dtype != "auto":
+        return dtype
+    return AUTO_DTYPE if cpu_has_bf16() else "float32"
+
+
 def load_hybrid(
     model: str | None = None, weights: str | Path | None = "auto", dtype: str = "float32",
     config: DSLAConfig | None = None,
@@ -73,8 +95,9 @@ def load_hybrid(
     checkpoint shipped for the default model, if any), the rest fresh and gain-calibrated.
 
     ``dtype``: "float32", "bfloat16", "int8" or "int4" (bfloat16 activations with int8/int4 weight-only
-    linears, lm_head included).
+    linears, lm_head included), or "auto" (``resolve_dtype``).
     """
+    dtype = resolve_dtype(dtype)
     loaded = load_base(model, "bfloat16" if dtype in QUANTIZERS else dtype)
     base, tok = loaded.model, loaded.tokenizer
     n = base.config.num_hidden_layers

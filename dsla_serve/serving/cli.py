@@ -58,7 +58,10 @@ def serve(
     cooldown: float = typer.Option(10.0, min=0.0, help="Seconds the controller holds a level after a change."),
     default_max_tokens: int = typer.Option(256, min=1, help="Chat max_tokens when the request gives none."),
     served_model_name: list[str] = typer.Option(None, help="Name(s) clients use for the model (default: its id)."),
-    dtype: str = typer.Option("float32", help="float32 or bfloat16 (int4 when the engine supports it)."),
+    dtype: str = typer.Option(
+        "auto",
+        help='"auto" (int8 weights where the CPU has bfloat16 instructions, else float32; measured: docs/bench/precision.json), float32, bfloat16, int8 or int4.',
+    ),
     threads: int = typer.Option(None, help="Torch threads (default: all cores)."),
     api_key: str = typer.Option(
         None,
@@ -79,7 +82,7 @@ def serve(
     import uvicorn
 
     from dsla_serve.model import CheckpointError, ModelLoadError
-    from dsla_serve.model.pretrained import load_hybrid, set_threads
+    from dsla_serve.model.pretrained import load_hybrid, resolve_dtype, set_threads
     from dsla_serve.serving.api.auth import Keys
     from dsla_serve.serving.api.server import ApiConfig
     from dsla_serve.serving.controller import ControllerConfig, parse_caps
@@ -106,6 +109,7 @@ def serve(
             max_prompt_tokens=max_prompt_tokens,
         )  # fmt: skip
         set_threads(threads)
+        dtype = resolve_dtype(dtype)
         hybrid, tok, info = load_hybrid(model, None if weights == "none" else weights, dtype)
         ctrl.profile = resolve_profile(profile, hybrid.base, dtype, quality)
     except (ModelLoadError, CheckpointError, ValueError) as e:
