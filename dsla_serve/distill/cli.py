@@ -97,6 +97,16 @@ def data_corpus(
                       "domains": summary, "manifest_sha256": manifest["manifest_sha256"]}, indent=1))  # fmt: skip
 
 
+def corpus_record(source: str) -> dict:
+    """The corpus manifest's hash when the training text is a ``data corpus`` dir (for the checkpoint's manifest)."""
+    from dsla_serve.distill.data import is_corpus
+
+    if not is_corpus(source):
+        return {}
+    manifest = json.loads((Path(source).expanduser() / "manifest.json").read_text())
+    return {"corpus_manifest_sha256": manifest.get("manifest_sha256"), "corpus_command": manifest.get("command")}
+
+
 def parse_order(text: str | None, n: int) -> tuple[list[int], str]:
     """--order: a JSON file written by `dsla-serve order`, or comma-separated layers; default: entropy."""
     if text is None:
@@ -230,6 +240,7 @@ def distill(
         "command": "dsla-serve " + shlex.join(sys.argv[1:]),
         "machine": machine_info(),
         "base_model_name": loaded.name,
+        **corpus_record(resolve_data(data)),
     }
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("{task.fields[losses]}"))  # fmt: skip
