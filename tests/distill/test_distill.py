@@ -108,6 +108,7 @@ def test_prefix_e2e_with_window_and_adapters_lowers_kl_and_resumes(corpus, tmp_p
 
     with pytest.raises(KeyboardInterrupt):
         distill(HybridModel(tiny_llama(vocab_size=49152)), corpus, DistillConfig(**kw), out, stop_in_second_e2e)
+
     def layer_file(manifest, i):
         return out / manifest["layers"][str(i)]["file"]
 
