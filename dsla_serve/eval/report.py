@@ -171,13 +171,11 @@ def level_rows(info, levels: list[float], ppl: dict, agree: list[dict]) -> list[
 
 
 def recency_note(config: dict) -> str | None:
-    """The recency profile models the two states only; say what of a layer it leaves out."""
-    left_out = []
-    if config.get("window"):
-        left_out.append(f"its exact {config['window']}-token window")
-    if config.get("adapter_rank"):
-        left_out.append(f"its rank-{config['adapter_rank']} adapters ({config.get('adapters')})")
-    return f"states only, without {' and '.join(left_out)}" if left_out else None
+    """How the profile of a layer with a window is built (``eval/recency.linear_weights``)."""
+    if not config.get("window"):
+        return None
+    return (f"the last {config['window']} tokens carry the exact window's softmax weights, older ones the states' "
+            "(scaled by the head's mean output gain), mixed by the layer's learned weights")  # fmt: skip
 
 
 def run_quality(

@@ -78,7 +78,7 @@ def test_quality_report_side_by_side(tiny_checkpoint, run):
 
     rec = q["recency"]
     assert rec["layer"] == 1 and set(rec["profiles"]) == {"attention", "dsla", "part"}
-    assert "8-token window" in rec["notes"]["part"] and "dsla" not in rec["notes"]
+    assert "last 8 tokens" in rec["notes"]["part"] and "dsla" not in rec["notes"]
     assert (out / "recency.png").read_bytes()[:4] == b"\x89PNG"
     assert any(w.startswith("steps: ") and "dsla=2" in w and "part=3" in w for w in q["warnings"])
     assert not any(w.startswith(("order", "data")) for w in q["warnings"]) and q["data_mismatch"] == {}
