@@ -100,3 +100,14 @@ def test_int8_hybrid_matches_float32_within_tolerance_and_decodes_consistently()
     cache = HybridCache([hybrid.new_cache([1])])
     steps = [hybrid(ids[:, :20], cache=cache)[0]] + [hybrid(ids[:, t : t + 1], cache=cache)[0] for t in range(20, 30)]
     torch.testing.assert_close(torch.cat(steps, 1).float(), full.float(), atol=0.1, rtol=0.05)
+
+
+def test_int8_prefill_path_equals_kernel_path():
+    """Many rows go through the de-quantised bf16 GEMM, few through the int8 kernel: same numbers."""
+    from dsla_serve.model.quant import INT8_MAX_ROWS
+
+    q = Int8Linear(torch.nn.Linear(64, 48, bias=True))
+    x = torch.randn(INT8_MAX_ROWS + 8, 64)
+    many = q(x)
+    few = torch.cat([q(x[i : i + 1]) for i in range(len(x))])
+    torch.testing.assert_close(many, few, atol=0.03, rtol=0.02)
