@@ -77,6 +77,7 @@ class HybridModel(nn.Module):
         self.pools: dict[int, StatePool] = {}
         self._fused: dict[int, tuple[tuple, nn.Module]] = {}
         self._groups: dict[tuple, list[tuple[list[int], list[int]]]] = {}
+        self._ring: dict[tuple, tuple[Tensor, ...]] = {}  # per decode step: ring positions shared by the layers
 
     @property
     def dsla_layers(self) -> list[int]:
@@ -178,6 +179,7 @@ class HybridModel(nn.Module):
             lengths = [s.length for s in cache.sequences]
             starts = torch.tensor(lengths, device=device)
             groups = self.groups([s.dsla_layers for s in cache.sequences])
+            self._ring.clear()
         else:
             plan = frozenset(self.dsla_layers if dsla_layers is None else check_layers(self.base, dsla_layers))
             starts, lengths = torch.zeros(B, dtype=torch.long, device=device), [0] * B
@@ -311,18 +313,25 @@ class HybridModel(nn.Module):
         if not W:
             o = dsla.step(q, k, v, cos, sin, states, hidden=h)
         else:
-            B = len(layers)
-            pos = torch.tensor(lengths, device=q.device)  # the new token's position
-            slot = pos % W
-            rows = torch.arange(B, device=q.device)
+            rows, slot, valid, lcos, lsin, enters = self.ring_positions(W, lengths, v)
             leaving = (ring_k[rows, :, slot].unsqueeze(2), ring_v[rows, :, slot].unsqueeze(2))  # copies
-            lcos, lsin = self.rotary_emb(v, (pos - W).clamp(min=0)[:, None])
             ring_k[rows, :, slot] = rotate(k, cos, sin)[:, :, 0].to(ring_k.dtype)
             ring_v[rows, :, slot] = v[:, :, 0].to(ring_v.dtype)
-            valid = torch.arange(W, device=q.device)[None] <= pos[:, None]  # (B, W): slots written so far
-            o = dsla.step(q, k, v, cos, sin, states, (ring_k, ring_v, valid), (*leaving, lcos, lsin, pos >= W), h)
+            o = dsla.step(q, k, v, cos, sin, states, (ring_k, ring_v, valid), (*leaving, lcos, lsin, enters), h)
         pool.write_back(idx, states, ring_k, ring_v)
         return o
+
+    def ring_positions(self, W: int, lengths: list[int], ref: Tensor) -> tuple[Tensor, ...]:
+        """Where a decode step reads and writes the window ring buffers of sequences at ``lengths``: batch
+        rows, slots, slots written so far (B, W), the leaving token's rotary cos/sin (B, 1, D) and whether
+        one leaves. A function of the lengths alone, so computed once per step for every DSLA layer."""
+        key = (W, tuple(lengths))
+        if key not in self._ring:
+            pos = torch.tensor(lengths, device=ref.device)  # the new token's position
+            lcos, lsin = self.rotary_emb(ref, (pos - W).clamp(min=0)[:, None])
+            valid = torch.arange(W, device=ref.device)[None] <= pos[:, None]
+            self._ring[key] = (torch.arange(len(lengths), device=ref.device), pos % W, valid, lcos, lsin, pos >= W)
+        return self._ring[key]
 
     @torch.no_grad()
     def fold_to_dsla(self, seq: SequenceCache, layers: Iterable[int]) -> None:
