@@ -26,7 +26,9 @@ class SchedulerConfig:
     memory_budget: int = 4 << 30  # bytes of KV cache + DSLA state across running sequences
     prefill_chunk: int = 512  # prompt tokens per step while others decode
     idle_prefill_chunk: int = 2048  # ... and while nobody decodes (nobody to stall)
-    logprobs_chunk: int = 128  # prompt tokens per step with prompt logprobs (their logits are now built in 64-row blocks)
+    logprobs_chunk: int = (
+        128  # prompt tokens per step with prompt logprobs (their logits are now built in 64-row blocks)
+    )
     queue_timeout_s: float = 120.0  # a request not admitted by then gets 503
 
     def __post_init__(self) -> None:
