@@ -34,7 +34,9 @@ from torch import Tensor, nn
 
 from dsla_serve.config import DSLAConfig
 from dsla_serve.ops import GATE_MIN, StatePair, chunk_dsla, step_dsla
+from dsla_serve.ops.chunk import compute_dtype
 from dsla_serve.ops.naive import mixing_weights
+from dsla_serve.ops.native import StepParams
 
 
 def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -158,7 +160,8 @@ class DSLAAttention(nn.Module):
         B, H, T, D = k.shape
         x = torch.cat((k, v), dim=-1).transpose(1, 2).reshape(B, T, 2 * H * D)
         weight, bias = self.gate_weights()
-        g = (F.logsigmoid(F.linear(x, weight, bias).float()) / self.config.gate_normalizer).clamp(min=GATE_MIN)
+        pre = F.linear(x, weight, bias)
+        g = (F.logsigmoid(pre.to(compute_dtype(pre.dtype))) / self.config.gate_normalizer).clamp(min=GATE_MIN)
         g = g.view(B, T, len(weight) // (H * D), H, D).permute(2, 0, 3, 1, 4)  # (1 or 2, B, H, T, D)
         return g[0], g[-1]
 
@@ -243,6 +246,29 @@ class DSLAAttention(nn.Module):
         if self.config.output_gate:
             o = o * (2 * torch.sigmoid(self.out_gate(q) + self.out_gate_bias[:, None, :]))
         return o.transpose(1, 2).reshape(B, 1, -1)
+
+    def step_params(self, dtype: torch.dtype) -> StepParams:
+        """The parameters as the fused decode step reads them (``dsla_serve.ops.native``), in the states'
+        dtype; cached while no parameter changes."""
+        if not hasattr(self, "_step_inputs"):  # collected once: walking the module tree per step costs 16 µs
+            self._step_inputs = list(self.dsla_parameters().values())
+        key = (dtype, *((id(p), p._version) for p in self._step_inputs))
+        if getattr(self, "_step_cache", (None,))[0] != key:
+            with torch.no_grad():
+                none = torch.empty(0, dtype=dtype, device=self.gain.device)
+                cast = lambda t: t.detach().to(dtype).contiguous()  # noqa: E731
+                ada = {n: (cast(self.adapters[n].A), cast(self.adapters[n].B.t())) for n in self.adapters}
+                (ak, bk), (av, bv), (aq, bq), (ao, bo) = (ada.get(n, (none, none)) for n in "kvqo")
+                weight, bias = self.gate_weights()  # columns per KV head [k_h | v_h] -> [k | v] as the step reads
+                weight = weight.view(len(weight), self.num_kv_heads, 2, self.head_dim).transpose(1, 2).flatten(1)
+                gated = self.config.output_gate
+                p = StepParams(
+                    weight.detach().contiguous(), bias.detach().contiguous(), ak, bk, av, bv, aq, bq, ao, bo,
+                    cast(self.mix_weights()), cast(self.gain), cast(self.out_gate.weight.t()) if gated else none,
+                    cast(self.out_gate_bias) if gated else none,
+                )  # fmt: skip
+            self._step_cache = (key, p)
+        return self._step_cache[1]
 
     def window_logit(self) -> Tensor | None:
         return self.beta if self.config.window else None

@@ -27,6 +27,8 @@ from torch.nn.attention.bias import causal_lower_right
 from dsla_serve.layers import DSLAAttention, rotate
 from dsla_serve.model.cache import HybridCache, KVLayer, SequenceCache, StateLayer, StatePool
 from dsla_serve.model.convert import check_layers, converted_layers, decoder_layers, original_attention
+from dsla_serve.ops import GATE_MIN, native
+from dsla_serve.ops.recurrent import as_dtype
 
 
 def fuse_linears(linears: list[nn.Module]) -> nn.Module | None:
@@ -60,6 +62,15 @@ def fuse_linears(linears: list[nn.Module]) -> nn.Module | None:
     return fused
 
 
+def rms_norm(norm: nn.Module, x: Tensor) -> Tensor:
+    """A Llama-style RMSNorm (float32 statistics, weight applied in the input's dtype) in four ops
+    instead of eight; any other norm module as it is."""
+    eps = getattr(norm, "variance_epsilon", None)
+    if eps is None or not isinstance(getattr(norm, "weight", None), Tensor):
+        return norm(x)
+    return norm.weight * as_dtype(F.rms_norm(as_dtype(x, torch.float32), x.shape[-1:], eps=eps), x.dtype)
+
+
 class HybridModel(nn.Module):
     """Wraps a *ForCausalLM whose converted layers (``convert``) are available as DSLA."""
 
@@ -75,7 +86,7 @@ class HybridModel(nn.Module):
         self.num_kv_heads = self.config.num_key_value_heads
         self.head_dim = getattr(self.config, "head_dim", None) or self.config.hidden_size // self.num_heads
         self.pools: dict[int, StatePool] = {}
-        self._fused: dict[int, tuple[tuple, nn.Module]] = {}
+        self._fused: dict[tuple[int, int], tuple[tuple, nn.Module]] = {}  # (layer, first part) -> fused
         self._groups: dict[tuple, list[tuple[list[int], list[int]]]] = {}
         self._ring: dict[tuple, tuple[Tensor, ...]] = {}  # per decode step: ring positions shared by the layers
 
@@ -142,13 +153,29 @@ class HybridModel(nn.Module):
         """Layer i's q, k and v projections fused into one (rebuilt when the projections change); None
         where they cannot be fused."""
         attn = original_attention(self.base, i)
-        parts = [attn.q_proj, attn.k_proj, attn.v_proj]
+        return self.fused(i, [attn.q_proj, attn.k_proj, attn.v_proj])
+
+    def fused(self, i: int, parts: list[nn.Module]) -> nn.Module | None:
+        """``parts`` (same input) fused into one frozen module, memoised; None while any part trains."""
+        if torch.is_grad_enabled() and any(p.requires_grad for m in parts for p in m.parameters()):
+            return None
         key = tuple(
             (id(m), m.weight.data_ptr(), m.weight._version) if isinstance(m, nn.Linear) else (id(m),) for m in parts
         )
-        if i not in self._fused or self._fused[i][0] != key:
-            self._fused[i] = (key, fuse_linears(parts))
-        return self._fused[i][1]
+        slot = (i, id(parts[0]))
+        if slot not in self._fused or self._fused[slot][0] != key:
+            self._fused[slot] = (key, fuse_linears(parts))
+        return self._fused[slot][1]
+
+    def mlp(self, i: int, mlp: nn.Module, x: Tensor) -> Tensor:
+        """A Llama-style gated MLP with its gate and up projections fused into one matmul; any other
+        MLP as it is."""
+        parts = [getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
+        fused = self.fused(i, parts[:2]) if all(parts) and hasattr(mlp, "act_fn") else None
+        if fused is None:
+            return mlp(x)
+        gate, up = fused(x).chunk(2, -1)
+        return parts[2](mlp.act_fn(gate) * up)
 
     def forward(
         self,
@@ -194,9 +221,9 @@ class HybridModel(nn.Module):
                 continue
             if i == stop_at:
                 return x, hidden
-            h = layer.input_layernorm(x)
+            h = rms_norm(layer.input_layernorm, x)
             x = x + self.mix(i, h, cos, sin, groups[i], cache, lengths)
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            x = x + self.mlp(i, layer.mlp, rms_norm(layer.post_attention_layernorm, x))
             if i in keep:
                 hidden[i] = x
         if cache is not None:
@@ -205,10 +232,10 @@ class HybridModel(nn.Module):
         if logits_for == "none":
             return x.new_empty(0), hidden
         if logits_for == "hidden":  # the normalised final states (B, T, hidden): the caller applies lm_head
-            return self.norm(x), hidden
+            return rms_norm(self.norm, x), hidden
         if logits_for == "last":
             x = x[:, -1:]
-        return self.lm_head(self.norm(x)), hidden
+        return self.lm_head(rms_norm(self.norm, x)), hidden
 
     def groups(self, plans: list[frozenset[int]]) -> list[tuple[list[int], list[int]]]:
         """Per layer, the batch rows running attention and those running DSLA (memoised per step's plans)."""
@@ -236,13 +263,20 @@ class HybridModel(nn.Module):
         k = qkv[..., Hq * D : (Hq + Hkv) * D].view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
         v = qkv[..., (Hq + Hkv) * D :].view(B, T, Hkv, D).transpose(1, 2)
         attn_rows, dsla_rows = group
+        fused_step = bool(dsla_rows) and cache is not None and T == 1 and self.fused_step_ok(qkv)
         if not dsla_rows:
             return attn.o_proj(self.attend(i, q, k, v, cos, sin, cache, attn_rows))
         if not attn_rows:
+            if fused_step:
+                return self.fused_step(i, qkv, h, cos, sin, cache, dsla_rows, lengths)
             return self.dsla(i).output(self.attend_dsla(i, q, k, v, cos, sin, cache, dsla_rows, lengths, h))
         out = h.new_empty(B, T, h.shape[-1])
         for rows, is_dsla in ((attn_rows, False), (dsla_rows, True)):
             idx = torch.tensor(rows, device=h.device)
+            if is_dsla and fused_step:
+                sub = [t.index_select(0, idx) for t in (qkv, h, cos, sin)]
+                out[idx] = self.fused_step(i, *sub, cache, rows, lengths)
+                continue
             parts = [t.index_select(0, idx) for t in (q, k, v, cos, sin)]
             if is_dsla:
                 o = self.attend_dsla(i, *parts, cache, rows, lengths, h.index_select(0, idx))
@@ -320,6 +354,41 @@ class HybridModel(nn.Module):
             o = dsla.step(q, k, v, cos, sin, states, (ring_k, ring_v, valid), (*leaving, lcos, lsin, enters), h)
         pool.write_back(idx, states, ring_k, ring_v)
         return o
+
+    def fused_step_ok(self, qkv: Tensor) -> bool:
+        """Whether the fused C++ decode step can run this layer's DSLA rows (CPU, no autograd)."""
+        return qkv.device.type == "cpu" and not (torch.is_grad_enabled() and qkv.requires_grad) and native.available()
+
+    def fused_step(
+        self, i: int, qkv: Tensor, h: Tensor, cos: Tensor, sin: Tensor, cache: HybridCache, rows: list[int],
+        lengths: list[int],
+    ) -> Tensor:  # fmt: skip
+        """The DSLA rows' layer output (B, 1, hidden) from their fused q/k/v (B, 1, (Hq + 2·Hkv)·D),
+        with one fused call updating their pooled states and windows in place."""
+        dsla, pool = self.dsla(i), self.pool(i)
+        c = dsla.config
+        slots = torch.tensor([cache[r].layers[i].slot for r in rows])
+        W = c.window
+        if W:
+            _, _, _, lcos, lsin, _ = self.ring_positions(W, [lengths[r] for r in rows], qkv)
+            lcos, lsin = lcos[:, 0], lsin[:, 0]
+        else:
+            lcos, lsin = cos[:, 0], sin[:, 0]
+        pos = self.positions([lengths[r] for r in rows])
+        o, extra = native.decode_step(
+            qkv[:, 0], h[:, 0], cos[:, 0], sin[:, 0], lcos, lsin, pos, slots, pool.states, pool.keys, pool.values,
+            dsla.step_params(pool.states.dtype), heads=(self.num_heads, self.num_kv_heads, self.head_dim),
+            gate_normalizer=c.gate_normalizer, gate_min=GATE_MIN, eps=c.eps, normalize=c.normalize, rope=c.rope,
+        )  # fmt: skip
+        out = dsla.o_proj(o[:, None])
+        return out if extra is None else out + extra[:, None]
+
+    def positions(self, lengths: list[int]) -> Tensor:
+        """The new tokens' positions (B,) int64, memoised per step."""
+        key = ("pos", tuple(lengths))
+        if key not in self._ring:
+            self._ring[key] = (torch.tensor(lengths),)
+        return self._ring[key][0]
 
     def ring_positions(self, W: int, lengths: list[int], ref: Tensor) -> tuple[Tensor, ...]:
         """Where a decode step reads and writes the window ring buffers of sequences at ``lengths``: batch

@@ -14,6 +14,7 @@ from dsla_serve.model.convert import calibrate_gains, convert, read_manifest
 from dsla_serve.model.hybrid import HybridModel
 from dsla_serve.model.loader import DEFAULT_MODEL, load_base
 from dsla_serve.model.quant import QUANTIZERS, quantize_model
+from dsla_serve.ops import native
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +122,8 @@ def load_hybrid(
     if dtype in QUANTIZERS:  # after loading DSLA weights: the checkpoint's fingerprint is of the unquantised base
         quantize_model(base, dtype)
     info = HybridInfo(loaded.name, str(path) if path else None, order, source, distilled, fresh)
+    if base.device.type == "cpu":
+        native.load()  # build (first run on this machine: ~40 s) or load the fused decode step now, not mid-request
     return HybridModel(base), tok, info
 
 

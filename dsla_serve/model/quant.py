@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dsla_serve.ops.recurrent import as_dtype
+
 GROUP = 32
 INT4_MAX_ROWS = 4  # up to this many rows the int4 kernel beats bf16 GEMM (measured: 1 -> 3x, 8 -> 1x)
 # NOTE(decisions): the int8 kernel's time grows with the rows, the de-quantise + bf16 GEMM path's barely
@@ -68,14 +70,14 @@ class Int4Linear(nn.Module):
         return self.weight_bf16
 
     def forward(self, x: Tensor) -> Tensor:
-        rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        rows = as_dtype(x.reshape(-1, self.in_features), torch.bfloat16)
         if rows.shape[0] <= INT4_MAX_ROWS:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.packed, self.group, self.scales_zeros)
             if self.bias is not None:
                 y = y + self.bias
         else:
             y = F.linear(rows, self.weight_bf16, self.bias)
-        return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+        return as_dtype(y.view(*x.shape[:-1], self.out_features), x.dtype)
 
 
 class Int8Linear(nn.Module):
@@ -100,14 +102,14 @@ class Int8Linear(nn.Module):
         return (self.codes.float() * self.scale.float()[:, None]).to(torch.bfloat16)
 
     def forward(self, x: Tensor) -> Tensor:
-        rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        rows = as_dtype(x.reshape(-1, self.in_features), torch.bfloat16)
         if rows.shape[0] <= INT8_MAX_ROWS:
             y = torch._weight_int8pack_mm(rows, self.codes, self.scale)
             if self.bias is not None:
                 y = y + self.bias
         else:  # prefill: de-quantise once per call and use the bf16 GEMM (AMX where the CPU has it)
             y = F.linear(rows, self.weight, self.bias)
-        return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+        return as_dtype(y.view(*x.shape[:-1], self.out_features), x.dtype)
 
 
 QUANTIZERS = {"int4": (Int4Linear, supports), "int8": (Int8Linear, lambda linear: True)}

@@ -1,0 +1,103 @@
+"""The fused C++ decode step against the Python step (itself tested against the float64 reference):
+same logits, same pooled states and windows, for every layer option, in float64 and bfloat16."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+
+import pytest
+import torch
+
+from dsla_serve.config import DSLAConfig
+from dsla_serve.model import HybridCache, HybridModel, convert
+from dsla_serve.ops import native
+from tests.conftest import randomize_gates, tiny_llama
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built():
+    """Built once; a machine without a C++ compiler skips (it runs the Python step), but where a compiler
+    exists a failed build fails the tests."""
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        pytest.skip("no C++ compiler: the engine uses the Python decode step")
+    assert native.load() is not None, native._failed
+
+
+def hybrid_model(config: DSLAConfig, dtype: torch.dtype) -> HybridModel:
+    model = tiny_llama().to(dtype)
+    randomize_gates(convert(model, range(4), config=config).values())
+    return HybridModel(model)
+
+
+@torch.no_grad()
+def decode(hybrid: HybridModel, caches: list, tokens: torch.Tensor, fused: bool, monkeypatch) -> torch.Tensor:
+    monkeypatch.setenv("DSLA_SERVE_NATIVE", "1" if fused else "0")
+    cache = HybridCache(copy.deepcopy(caches))
+    logits = [hybrid(tokens[:, t : t + 1], cache=cache, logits_for="last")[0] for t in range(tokens.shape[1])]
+    states = [[layer.state for layer in s.layers if hasattr(layer, "pool")] for s in cache.sequences]
+    windows = [[(layer.keys, layer.values) for layer in s.layers if hasattr(layer, "pool")] for s in cache.sequences]
+    return torch.cat(logits, 1), states, windows
+
+
+CONFIGS = {
+    "paper-w0": DSLAConfig(window=0, output_gate=False),
+    "window-adapters-gate": DSLAConfig(window=4, adapter_rank=2, adapters="qkvo"),
+    "gla-window": DSLAConfig(variant="gla", window=4, adapter_rank=2, adapters="kv"),
+    "rope-window": DSLAConfig(window=3, rope=True, adapter_rank=2, adapters="qo", normalize=False),
+    "w0-adapters-rope": DSLAConfig(window=0, rope=True, adapter_rank=2),
+}
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+@torch.no_grad()
+def test_fused_step_equals_python_step_float64(name, monkeypatch):
+    """A batch mixing plans (rows running attention at some layers) and lengths below, at and past the
+    window; every step's logits and the final states and windows agree to float64 rounding."""
+    hybrid = hybrid_model(CONFIGS[name], torch.float64)
+    plans = [range(4), [0, 2], [1, 3]]
+    caches = []
+    for plan, n in zip(plans, (2, 4, 9), strict=True):
+        c = hybrid.new_cache(plan)
+        hybrid(torch.randint(0, 99, (1, n)), cache=HybridCache([c]))
+        caches.append(c)
+    tokens = torch.randint(0, 99, (3, 7))
+    calls = []
+    real = native.decode_step
+    monkeypatch.setattr(native, "decode_step", lambda *a, **k: calls.append(1) or real(*a, **k))
+    ref, ref_states, ref_windows = decode(hybrid, caches, tokens, fused=False, monkeypatch=monkeypatch)
+    assert not calls
+    out, states, windows = decode(hybrid, caches, tokens, fused=True, monkeypatch=monkeypatch)
+    assert len(calls) == 4 * 7  # every DSLA layer of every step ran fused
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    pairs = [*zip(states, ref_states, strict=True), *zip(windows, ref_windows, strict=True)]
+    for ours, theirs in pairs:  # per sequence, per DSLA layer
+        for a, b in zip(ours, theirs, strict=True):
+            torch.testing.assert_close(torch.stack(a), torch.stack(b), rtol=1e-10, atol=1e-10)
+
+
+@torch.no_grad()
+def test_fused_step_bfloat16_close_to_python_step(monkeypatch):
+    """bfloat16 activations and windows, float32 states: the fused step rounds less often than the
+    Python step (which rotates and projects gates in bfloat16), so they agree to bfloat16 tolerance."""
+    hybrid = hybrid_model(CONFIGS["window-adapters-gate"], torch.bfloat16)
+    caches = [hybrid.new_cache(range(4)) for _ in range(2)]
+    for c, n in zip(caches, (3, 11), strict=True):
+        hybrid(torch.randint(0, 99, (1, n)), cache=HybridCache([c]))
+    tokens = torch.randint(0, 99, (2, 6))
+    ref = decode(hybrid, caches, tokens, fused=False, monkeypatch=monkeypatch)[0].float()
+    out = decode(hybrid, caches, tokens, fused=True, monkeypatch=monkeypatch)[0].float()
+    assert (out - ref).abs().max() <= 0.03 * ref.abs().max()
+
+
+def test_grad_mode_with_trainable_inputs_uses_the_python_step(monkeypatch):
+    """The fused step has no backward: with autograd recording it must not run."""
+    model = tiny_llama()
+    convert(model, range(4), config=CONFIGS["window-adapters-gate"])
+    hybrid = HybridModel(model.requires_grad_(True))
+    monkeypatch.setattr(native, "decode_step", lambda *a, **k: pytest.fail("fused step under autograd"))
+    cache = HybridCache([hybrid.new_cache(range(4))])
+    hybrid(torch.randint(0, 99, (1, 6)), cache=cache)
+    logits, _ = hybrid(torch.randint(0, 99, (1, 1)), cache=cache)
+    logits.sum().backward()
+    assert model.lm_head.weight.grad is not None
