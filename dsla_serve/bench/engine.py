@@ -140,10 +140,29 @@ class Engines:
         except ImportError:
             self.notes.append("llama.cpp skipped: llama-cpp-python is not installed (pip install -e '.[llamacpp]')")
             return None
+        from llama_cpp import llama_cpp
+
         path = str(self.s.model or embedded_gguf())
         n_ctx = max(self.s.contexts) + self.s.decode_tokens + 8
-        llm = Llama(model_path=path, n_ctx=n_ctx, n_batch=512, n_threads=torch.get_num_threads(), verbose=False)
-        self.notes.append(f"llama.cpp runs the GGUF file as stored ({path.rsplit('/', 1)[-1]}), batch 1 only")
+        # NOTE(decisions): llama-cpp-python 0.3.36 dies (SIGSEGV at the first eval) on the embedded Q4_1
+        # GGUF when llama.cpp repacks the weights into its CPU extra buffers on this machine (AMX_INT8,
+        # AVX512); loaded without them it runs, with its plain Q4_1 kernels. Reports say so.
+        defaults = llama_cpp.llama_model_default_params
+
+        def no_repacking():
+            params = defaults()
+            params.use_extra_bufts = False
+            return params
+
+        llama_cpp.llama_model_default_params = no_repacking
+        try:
+            llm = Llama(model_path=path, n_ctx=n_ctx, n_batch=512, n_threads=torch.get_num_threads(), verbose=False)
+        finally:
+            llama_cpp.llama_model_default_params = defaults
+        self.notes.append(
+            f"llama.cpp runs the GGUF file as stored ({path.rsplit('/', 1)[-1]}), batch 1 only, without weight "
+            "repacking (use_extra_bufts=False: with it llama-cpp-python 0.3.36 crashes on this file here)"
+        )
         return llm
 
     def ids(self, context: int, batch: int) -> torch.Tensor:
