@@ -65,7 +65,7 @@ class BenchSettings:
     def __post_init__(self) -> None:
         from dsla_serve.model.pretrained import resolve_dtype
 
-        self.dtype = resolve_dtype(self.dtype)
+        self.dtype = resolve_dtype(self.dtype, self.model)
         if self.grid not in ("cross", "full"):
             raise ValueError(f"grid must be 'cross' or 'full', got {self.grid!r}")
         if not self.contexts or min(self.contexts) < 2 or not self.batches or min(self.batches) < 1:

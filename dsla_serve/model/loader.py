@@ -206,6 +206,33 @@ def export_hf(model: str | None, out: Path, dtype: str = "float32") -> Path:
     return out
 
 
+def gguf_source(model: str | None) -> Path | None:
+    """The GGUF file ``model`` comes from (the embedded default, a .gguf path, or a checkpoint dir this
+    project converted from one), without converting anything; None for other models."""
+    name = model or DEFAULT_MODEL
+    if name == DEFAULT_MODEL:
+        return embedded_gguf()
+    p = Path(name).expanduser()
+    if p.suffix == ".gguf" and p.is_file():
+        return p
+    source = p / "SOURCE.json"
+    if source.is_file():
+        try:
+            gguf = Path(json.loads(source.read_text())["gguf"])
+        except (ValueError, KeyError, TypeError):
+            return None
+        return gguf if gguf.is_file() else None
+    return None
+
+
+def gguf_linear_types(gguf: Path) -> set[str]:
+    """The quantisation types of a GGUF file's decoder-layer matrices (e.g. {"Q4_1"} for the embedded model)."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(gguf))
+    return {t.tensor_type.name for t in reader.tensors if t.name.startswith("blk.") and len(t.shape) == 2}
+
+
 def resolve(model: str | None) -> tuple[Path | str, str]:
     """Map the user's --model to a checkpoint dir (converting GGUF on first use) or a hub id."""
     name = model or DEFAULT_MODEL

@@ -12,7 +12,7 @@ import torch
 from dsla_serve.config import DSLAConfig
 from dsla_serve.model.convert import calibrate_gains, convert, read_manifest
 from dsla_serve.model.hybrid import HybridModel
-from dsla_serve.model.loader import DEFAULT_MODEL, load_base
+from dsla_serve.model.loader import DEFAULT_MODEL, gguf_linear_types, gguf_source, load_base
 from dsla_serve.model.quant import QUANTIZERS, quantize_model
 from dsla_serve.ops import native
 
@@ -67,8 +67,13 @@ def fallback_order(n: int) -> list[int]:
 
 
 AUTO_DTYPE = "int8"
-"""NOTE(decisions): the engine's default on CPUs with bfloat16 instructions (AVX512-BF16 or AMX):
-the fastest mode within the perplexity limits in ``dsla-serve bench precision`` (docs/bench/precision.json)."""
+"""NOTE(decisions): the engine's default on CPUs with bfloat16 instructions (AVX512-BF16 or AMX) for
+models whose weights are not already 4-bit: the fastest mode within the perplexity limits in
+``dsla-serve bench precision`` (docs/bench/precision.json). Models whose every decoder matrix is Q4_1
+in their GGUF (the embedded default) run ``int4``: their weights sit on that 4-bit grid already, so
+the int4 kernel runs exactly the weights shipped (up to bf16 rounding of the block scales)."""
+
+EXACT_INT4 = {"Q4_1"}
 
 
 def cpu_has_bf16() -> bool:
@@ -81,11 +86,15 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def resolve_dtype(dtype: str) -> str:
-    """ "auto": ``AUTO_DTYPE`` where the CPU has bfloat16 instructions, float32 elsewhere; other names as given."""
+def resolve_dtype(dtype: str, model: str | None = None) -> str:
+    """ "auto": where the CPU has bfloat16 instructions ``int4`` for a model whose GGUF stores its
+    matrices as Q4_1, else ``AUTO_DTYPE``; float32 elsewhere. Other names as given."""
     if dtype != "auto":
         return dtype
-    return AUTO_DTYPE if cpu_has_bf16() else "float32"
+    if not cpu_has_bf16():
+        return "float32"
+    gguf = gguf_source(model)
+    return "int4" if gguf is not None and gguf_linear_types(gguf) <= EXACT_INT4 else AUTO_DTYPE
 
 
 def load_hybrid(
@@ -98,7 +107,7 @@ def load_hybrid(
     ``dtype``: "float32", "bfloat16", "int8" or "int4" (bfloat16 activations with int8/int4 weight-only
     linears, lm_head included), or "auto" (``resolve_dtype``).
     """
-    dtype = resolve_dtype(dtype)
+    dtype = resolve_dtype(dtype, model)
     loaded = load_base(model, "bfloat16" if dtype in QUANTIZERS else dtype)
     base, tok = loaded.model, loaded.tokenizer
     n = base.config.num_hidden_layers

@@ -109,7 +109,7 @@ def serve(
             max_prompt_tokens=max_prompt_tokens,
         )  # fmt: skip
         set_threads(threads)
-        dtype = resolve_dtype(dtype)
+        dtype = resolve_dtype(dtype, model)
         hybrid, tok, info = load_hybrid(model, None if weights == "none" else weights, dtype)
         ctrl.profile = resolve_profile(profile, hybrid.base, dtype, quality)
     except (ModelLoadError, CheckpointError, ValueError) as e:

@@ -111,3 +111,23 @@ def test_int8_prefill_path_equals_kernel_path():
     many = q(x)
     few = torch.cat([q(x[i : i + 1]) for i in range(len(x))])
     torch.testing.assert_close(many, few, atol=0.03, rtol=0.02)
+
+
+def test_int4_mode_keeps_the_lm_head_in_int8():
+    """4-bit decoder matrices, 8-bit lm_head (the embedded GGUF's own split: Q4_1 and Q8_0)."""
+    model = tiny_llama(vocab_size=96).to(torch.bfloat16)  # 96 rows: the int4 kernel could pack it too
+    assert quantize_model(model, "int4") == 4 * 7 + 1
+    assert isinstance(model.model.layers[0].mlp.up_proj, Int4Linear)
+    assert isinstance(model.lm_head, Int8Linear)
+
+
+def test_auto_dtype_runs_a_q4_1_gguf_in_int4():
+    """The embedded GGUF stores every decoder matrix as Q4_1: "auto" runs them in int4 where the CPU
+    has bfloat16 instructions; a model without a GGUF source gets int8 there."""
+    from dsla_serve.model.loader import embedded_gguf, gguf_linear_types
+    from dsla_serve.model.pretrained import AUTO_DTYPE, cpu_has_bf16, resolve_dtype
+
+    assert gguf_linear_types(embedded_gguf()) == {"Q4_1"}
+    assert resolve_dtype("auto") == ("int4" if cpu_has_bf16() else "float32")
+    assert resolve_dtype("auto", "some-org/some-model") == (AUTO_DTYPE if cpu_has_bf16() else "float32")
+    assert resolve_dtype("bfloat16") == "bfloat16"
