@@ -356,8 +356,9 @@ class HybridModel(nn.Module):
         return o
 
     def fused_step_ok(self, qkv: Tensor) -> bool:
-        """Whether the fused C++ decode step can run this layer's DSLA rows (CPU, no autograd)."""
-        return qkv.device.type == "cpu" and not (torch.is_grad_enabled() and qkv.requires_grad) and native.available()
+        """Whether the fused C++ decode step can run this layer's DSLA rows: on the CPU, with autograd
+        off (it has no backward; every inference path runs under no_grad or inference_mode)."""
+        return qkv.device.type == "cpu" and not torch.is_grad_enabled() and native.available()
 
     def fused_step(
         self, i: int, qkv: Tensor, h: Tensor, cos: Tensor, sin: Tensor, cache: HybridCache, rows: list[int],

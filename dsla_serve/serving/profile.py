@@ -303,7 +303,7 @@ def _floats(text: str, kind: type, option: str) -> list:
 def profile_command(
     model: str = typer.Option(None, help="Base model (default: embedded SmolLM2-135M-Instruct)."),
     weights: str = typer.Option("auto", help="DSLA checkpoint dir, 'auto' or 'none' (speed does not depend on it)."),
-    dtype: str = typer.Option("float32", help="The dtype the server will run."),
+    dtype: str = typer.Option("auto", help="The dtype the server will run (its default: auto)."),
     threads: int = typer.Option(None, help="Torch threads, as the server will run (default: all cores)."),
     levels: str = typer.Option("0,0.125,0.25,0.375,0.5", help="Conversion levels to time (must include 0)."),
     contexts: str = typer.Option("256,1024,4096", help="Prompt lengths / decode contexts to time."),
@@ -321,9 +321,11 @@ def profile_command(
     """Measure (or import) what each conversion level buys and costs here; cache it for `dsla-serve serve`."""
     from dsla_serve.model import CheckpointError, ModelLoadError
     from dsla_serve.model.loader import load_base
-    from dsla_serve.model.pretrained import set_threads
+    from dsla_serve.model.pretrained import resolve_dtype, set_threads
+    from dsla_serve.model.quant import QUANTIZERS
 
     set_threads(threads)
+    dtype = resolve_dtype(dtype, model)  # as the server resolves it: the cache key names the real dtype
     shipped = Path("docs/quality/quality.json")  # the shipped checkpoint's, from the repository root
     quality = quality or (shipped if model is None and weights == "auto" and shipped.is_file() else None)
     try:
@@ -331,7 +333,7 @@ def profile_command(
         if from_bench is not None:
             prof = load(from_bench)
             model = model or (json.loads(from_bench.read_text()).get("settings") or {}).get("model")
-            fp = fingerprint_of(load_base(model, "bfloat16" if dtype == "int4" else dtype).model)
+            fp = fingerprint_of(load_base(model, "bfloat16" if dtype in QUANTIZERS else dtype).model)
         else:
             prof, fp = measure(model, None if weights == "none" else weights, dtype, _floats(levels, float, "--levels"),
                                _floats(contexts, int, "--contexts"), batch, batch_context, decode_tokens, repeats)  # fmt: skip

@@ -114,6 +114,8 @@ std::vector<at::Tensor> step_impl(
   std::vector<char> enters(B);
   acc_t* x_p = x.data_ptr<acc_t>();
   acc_t* qs_p = q_state.data_ptr<acc_t>();
+  const scalar_t *c_p = cos.data_ptr<scalar_t>(), *s_p = sin.data_ptr<scalar_t>();
+  const scalar_t *lc_p = lcos.data_ptr<scalar_t>(), *ls_p = lsin.data_ptr<scalar_t>();
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
     std::vector<acc_t> lc(D), ls(D), cc(D), ss(D), a(D), rot(D);
     for (int64_t b = b0; b < b1; ++b) {
@@ -125,10 +127,10 @@ std::vector<at::Tensor> step_impl(
       if (has_window) {
         const int64_t j = p % W, slot = slot_p[b];
         for (int64_t i = 0; i < D; ++i) {
-          lc[i] = lcos.data_ptr<scalar_t>()[b * D + i];
-          ls[i] = lsin.data_ptr<scalar_t>()[b * D + i];
-          cc[i] = cos.data_ptr<scalar_t>()[b * D + i];
-          ss[i] = sin.data_ptr<scalar_t>()[b * D + i];
+          lc[i] = lc_p[b * D + i];
+          ls[i] = ls_p[b * D + i];
+          cc[i] = c_p[b * D + i];
+          ss[i] = s_p[b * D + i];
         }
         for (int64_t h = 0; h < Hkv; ++h) {
           scalar_t* kslot = rk + ((slot * Hkv + h) * W + j) * D;
@@ -175,7 +177,6 @@ std::vector<at::Tensor> step_impl(
     }
   });
 
-  // Phase 2: both gates of every row in one GEMM.
   // Phase 2: both gates of every entering row, (B, nG KV), from weights in their own dtype (bfloat16
   // halves the bytes a step reads; a one-row bfloat16 GEMM through ATen measured 3x slower than this).
   std::vector<acc_t> g(B * n_gates * KV);
@@ -193,11 +194,9 @@ std::vector<at::Tensor> step_impl(
   const acc_t* mix_p = mix.data_ptr<acc_t>();
   const acc_t* gain_p = gain.data_ptr<acc_t>();
   const bool out_gate = og_w.numel() > 0;
-  const scalar_t *c_p = cos.data_ptr<scalar_t>(), *s_p = sin.data_ptr<scalar_t>();
-  const scalar_t *lc_p = lcos.data_ptr<scalar_t>(), *ls_p = lsin.data_ptr<scalar_t>();
   at::parallel_for(0, B * Hkv, 1, [&](int64_t i0, int64_t i1) {
     std::vector<acc_t> decay(D), kst(D), q_rot(D), read(D), win(D), scores(std::max<int64_t>(W, 1)), cc(D), ss(D),
-        qv(D), qg(G * D), reads(G * D), outs(G * D);
+        lc(D), ls(D), qv(D), qg(G * D), reads(G * D), outs(G * D);
     for (int64_t it = i0; it < i1; ++it) {
       const int64_t b = it / Hkv, h = it % Hkv, p = pos_p[b];
       const scalar_t* in = qkv_p + b * row;
@@ -211,11 +210,11 @@ std::vector<at::Tensor> step_impl(
       const bool has_state = enters[b];  // with a window: a token has left it, so the states hold one
       if (enters[b]) {
         if (rope) {
-          for (int64_t i = 0; i < D; ++i) {
-            qv[i] = has_window ? acc_t(lc_p[b * D + i]) : cc[i];
-            q_rot[i] = has_window ? acc_t(ls_p[b * D + i]) : ss[i];
+          for (int64_t i = 0; i < D; ++i) {  // the entering token's position: the leaving one's with a window
+            lc[i] = has_window ? acc_t(lc_p[b * D + i]) : cc[i];
+            ls[i] = has_window ? acc_t(ls_p[b * D + i]) : ss[i];
           }
-          rotate<acc_t>(xk, qv.data(), q_rot.data(), kst.data(), D, acc_t(1));
+          rotate<acc_t>(xk, lc.data(), ls.data(), kst.data(), D, acc_t(1));
         } else {
           std::copy(xk, xk + D, kst.begin());
         }
@@ -337,6 +336,15 @@ std::vector<at::Tensor> dsla_decode_step(
   TORCH_CHECK(qkv.dim() == 2 && qkv.size(1) == (Hq + 2 * Hkv) * D, "qkv must be (B, (Hq + 2 Hkv) D)");
   TORCH_CHECK(states.is_contiguous() && ring_k.is_contiguous() && ring_v.is_contiguous(), "pool tensors must be contiguous");
   TORCH_CHECK(D % 2 == 0, "head_dim must be even");
+  for (const at::Tensor* t : {&cos, &sin, &lcos, &lsin, &ring_k, &ring_v}) {
+    TORCH_CHECK(t->scalar_type() == qkv.scalar_type(), "rotary tables and window rings must have qkv's dtype");
+  }
+  TORCH_CHECK(hidden.numel() == 0 || hidden.scalar_type() == qkv.scalar_type(), "hidden must have qkv's dtype");
+  TORCH_CHECK(pos.scalar_type() == at::kLong && slots.scalar_type() == at::kLong, "pos and slots must be int64");
+  for (const at::Tensor* t : {&ak, &bk, &av, &bv, &aq, &bq, &ao, &bo, &mix, &gain, &og_w, &og_b}) {
+    TORCH_CHECK(t->numel() == 0 || (t->scalar_type() == states.scalar_type() && t->is_contiguous()),
+                "layer parameters must be contiguous, in the states' dtype");
+  }
   std::vector<at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, qkv.scalar_type(), "dsla_decode_step", [&] {
     using acc = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
