@@ -93,8 +93,13 @@ def resolve_dtype(dtype: str, model: str | None = None) -> str:
         return dtype
     if not cpu_has_bf16():
         return "float32"
-    gguf = gguf_source(model)
-    return "int4" if gguf is not None and gguf_linear_types(gguf) <= EXACT_INT4 else AUTO_DTYPE
+    try:
+        gguf = gguf_source(model)
+        types = gguf_linear_types(gguf) if gguf is not None else set()
+    except Exception as e:  # an unreadable file: loading it reports the error; the dtype need not guess
+        log.debug("no GGUF types for %s: %s", model, e)
+        types = set()
+    return "int4" if types and types <= EXACT_INT4 else AUTO_DTYPE
 
 
 def load_hybrid(
@@ -105,7 +110,7 @@ def load_hybrid(
     checkpoint shipped for the default model, if any), the rest fresh and gain-calibrated.
 
     ``dtype``: "float32", "bfloat16", "int8" or "int4" (bfloat16 activations with int8/int4 weight-only
-    linears, lm_head included), or "auto" (``resolve_dtype``).
+    decoder linears and an int8 lm_head), or "auto" (``resolve_dtype``).
     """
     dtype = resolve_dtype(dtype, model)
     loaded = load_base(model, "bfloat16" if dtype in QUANTIZERS else dtype)

@@ -131,3 +131,12 @@ def test_auto_dtype_runs_a_q4_1_gguf_in_int4():
     assert resolve_dtype("auto") == ("int4" if cpu_has_bf16() else "float32")
     assert resolve_dtype("auto", "some-org/some-model") == (AUTO_DTYPE if cpu_has_bf16() else "float32")
     assert resolve_dtype("bfloat16") == "bfloat16"
+
+
+def test_auto_dtype_of_an_unreadable_gguf_is_int8(tmp_path):
+    """A corrupted .gguf does not fail the dtype choice: loading it reports the error."""
+    from dsla_serve.model.pretrained import AUTO_DTYPE, cpu_has_bf16, resolve_dtype
+
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"not a gguf file")
+    assert resolve_dtype("auto", str(bad)) == (AUTO_DTYPE if cpu_has_bf16() else "float32")
