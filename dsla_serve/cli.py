@@ -18,6 +18,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from dsla_serve.config import DTYPE_HELP
 from dsla_serve.runtime import tune_allocator
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Dual-state linear attention serving.")
@@ -62,10 +63,7 @@ def generate(
     top_p: float = typer.Option(1.0, min=0.0, max=1.0),
     seed: int = typer.Option(None),
     chat: bool = typer.Option(False, help="Wrap the prompt in the model's chat template."),
-    dtype: str = typer.Option(
-        "auto",
-        help='"auto" (int8 weights where the CPU has bfloat16 instructions, else float32; measured: docs/bench/precision.json), float32, bfloat16, int8 or int4.',
-    ),
+    dtype: str = typer.Option("auto", help=DTYPE_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Generate a completion and report prefill/decode timing and cache bytes."""

@@ -7,6 +7,10 @@ from dataclasses import dataclass
 from typing import Any
 
 VARIANTS = ("dsla", "gla")
+DTYPE_HELP = (
+    '"auto" (where the CPU has bfloat16 instructions: int4 for a model whose GGUF matrices are all Q4_1, '
+    "else int8; float32 elsewhere; measured: docs/bench/precision.json), float32, bfloat16, int8 or int4."
+)
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 

@@ -247,7 +247,7 @@ def peer_vllm(
     threads: int = typer.Option(None, min=1, help="OpenMP threads, pinned (default: all cores, as `serve`)."),
     port: int = typer.Option(None, help="Port on 127.0.0.1 (default: a free one)."),
     model: str = typer.Option(None, help="Base model (default: embedded SmolLM2-135M-Instruct), exported for vLLM."),
-    dtype: str = typer.Option("float32", help="Weights and compute dtype (our engine's default: float32)."),
+    dtype: str = typer.Option("float32", help="vLLM's weights and compute dtype (float32 or bfloat16)."),
     kv_cache_gib: int = typer.Option(None, min=1, help="vLLM's KV cache space in GiB (default: 4)."),
     vllm_arg: list[str] = typer.Option(None, help="Extra option for vLLM's server (repeat), e.g. --max-num-seqs=16."),
     prompt: str = typer.Option("What is the capital of France?", help="The check's prompt."),

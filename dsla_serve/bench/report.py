@@ -107,10 +107,10 @@ def targets(result: dict) -> list[list[str]]:
         verdict = "not measured" if value is None else ("met" if ok else "NOT met")
         out.append([name, fmt(value, ".3g"), where, verdict])
 
+    decode = result.get("decode", [])
     for level, goal in ((1.0, 2.5), (0.5, 1.5)):
-        rows = result.get("decode", [])
-        ctx = max((r["context"] for r in rows), default=None)
-        value = ratio_at(rows, level, ctx) if ctx else None
+        ctx = max((r["context"] for r in decode), default=None)
+        value = ratio_at(decode, level, ctx) if ctx else None
         where = f"context {ctx}, batch 1" + ("" if ctx == TARGET_CONTEXT else f" (target is at {TARGET_CONTEXT})")
         check(f"decode: {100 * level:g} % DSLA ≥ {goal}× faster than 0 %", value, value and value >= goal, where)
     for suite, shortest in (("decode", 512), ("prefill", 1024)):
@@ -119,11 +119,10 @@ def targets(result: dict) -> list[list[str]]:
         check(f"{suite}: 100 % DSLA faster than 0 % at every context ≥ {shortest} (slowest ratio, > 1)",
               slowest and slowest["vs_ours_level0"], slowest is not None and slowest["vs_ours_level0"] > 1,
               f"min over {len(points)} points" + (f", at context {slowest['context']}" if slowest else ""))  # fmt: skip
-    llama = pick(result.get("decode", []), LLAMACPP, None, 1, 512)
+    llama = pick(decode, LLAMACPP, None, 1, 512)
     ratio = llama[0]["vs_ours_level0"] if llama else None  # llama.cpp's speed relative to our 0 %
     check("decode: our 0 % ≤ 1.5× llama.cpp's ms/token", ratio, ratio is not None and ratio <= 1.5,
           "context 512, batch 1")  # fmt: skip
-    decode = result.get("decode", [])
     for level in sorted({r["level"] for r in pick(decode, OURS, None, 8)}):
         one, eight = pick(decode, OURS, level, 1), pick(decode, OURS, level, 8)
         same = [(a, b) for b in eight for a in one if a["context"] == b["context"]]

@@ -369,13 +369,13 @@ class HybridModel(nn.Module):
         dsla, pool = self.dsla(i), self.pool(i)
         c = dsla.config
         slots = torch.tensor([cache[r].layers[i].slot for r in rows])
-        W = c.window
-        if W:
-            _, _, _, lcos, lsin, _ = self.ring_positions(W, [lengths[r] for r in rows], qkv)
+        own = [lengths[r] for r in rows]
+        if c.window:
+            _, _, _, lcos, lsin, _ = self.ring_positions(c.window, own, qkv)
             lcos, lsin = lcos[:, 0], lsin[:, 0]
         else:
             lcos, lsin = cos[:, 0], sin[:, 0]
-        pos = self.positions([lengths[r] for r in rows])
+        pos = self.positions(own, qkv.device)
         o, extra = native.decode_step(
             qkv[:, 0], h[:, 0], cos[:, 0], sin[:, 0], lcos, lsin, pos, slots, pool.states, pool.keys, pool.values,
             dsla.step_params(pool.states.dtype), heads=(self.num_heads, self.num_kv_heads, self.head_dim),
@@ -384,11 +384,11 @@ class HybridModel(nn.Module):
         out = dsla.o_proj(o[:, None])
         return out if extra is None else out + extra[:, None]
 
-    def positions(self, lengths: list[int]) -> Tensor:
+    def positions(self, lengths: list[int], device) -> Tensor:
         """The new tokens' positions (B,) int64, memoised per step."""
         key = ("pos", tuple(lengths))
         if key not in self._ring:
-            self._ring[key] = (torch.tensor(lengths),)
+            self._ring[key] = (torch.tensor(lengths, device=device),)
         return self._ring[key][0]
 
     def ring_positions(self, W: int, lengths: list[int], ref: Tensor) -> tuple[Tensor, ...]:
@@ -397,7 +397,7 @@ class HybridModel(nn.Module):
         one leaves. A function of the lengths alone, so computed once per step for every DSLA layer."""
         key = (W, tuple(lengths))
         if key not in self._ring:
-            pos = torch.tensor(lengths, device=ref.device)  # the new token's position
+            pos = self.positions(lengths, ref.device)
             lcos, lsin = self.rotary_emb(ref, (pos - W).clamp(min=0)[:, None])
             valid = torch.arange(W, device=ref.device)[None] <= pos[:, None]
             self._ring[key] = (torch.arange(len(lengths), device=ref.device), pos % W, valid, lcos, lsin, pos >= W)

@@ -120,8 +120,8 @@ QUANTIZERS = {"int4": (Int4Linear, supports), "int8": (Int8Linear, lambda linear
 
 def quantize_model(model: nn.Module, mode: str, lm_head: bool = True) -> int:
     """Replace every decoder-layer ``nn.Linear`` (q/k/v/o, MLP) by ``mode``'s weight-only linear and
-    the lm_head by the int8 one, in place. Converted layers keep sharing q/k/v/o with the attention they replaced. Shapes
-    the kernel cannot pack stay as they are. Returns the count replaced.
+    the lm_head by the int8 one, in place. Converted layers keep sharing q/k/v/o with the attention
+    they replaced. Shapes the kernel cannot pack stay as they are. Returns the count replaced.
 
     NOTE(decisions): the lm_head (49152 x 576 for SmolLM2-135M) is a fifth of the model's weight
     bytes; left in bf16 it was the single largest op of an int4 decode step (7.5 of ~38 ms). It is

@@ -13,6 +13,8 @@ import logging
 import typer
 from rich.console import Console
 
+from dsla_serve.config import DTYPE_HELP
+
 err = Console(stderr=True, soft_wrap=True)  # no hard wraps: logs and pipes read whole lines
 log = logging.getLogger("dsla_serve.serve")
 
@@ -58,10 +60,7 @@ def serve(
     cooldown: float = typer.Option(10.0, min=0.0, help="Seconds the controller holds a level after a change."),
     default_max_tokens: int = typer.Option(256, min=1, help="Chat max_tokens when the request gives none."),
     served_model_name: list[str] = typer.Option(None, help="Name(s) clients use for the model (default: its id)."),
-    dtype: str = typer.Option(
-        "auto",
-        help='"auto" (int8 weights where the CPU has bfloat16 instructions, else float32; measured: docs/bench/precision.json), float32, bfloat16, int8 or int4.',
-    ),
+    dtype: str = typer.Option("auto", help=DTYPE_HELP),
     threads: int = typer.Option(None, help="Torch threads (default: all cores)."),
     api_key: str = typer.Option(
         None,
