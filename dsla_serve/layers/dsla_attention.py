@@ -33,10 +33,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dsla_serve.config import DSLAConfig
-from dsla_serve.ops import GATE_MIN, StatePair, chunk_dsla, step_dsla
+from dsla_serve.ops import GATE_MIN, StatePair, step_dsla
 from dsla_serve.ops.chunk import compute_dtype
 from dsla_serve.ops.naive import mixing_weights
-from dsla_serve.ops.native import StepParams
+from dsla_serve.ops.native import StepParams, prefill_dsla
 
 
 def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -201,7 +201,7 @@ class DSLAAttention(nn.Module):
         q_state, k_state = (
             (rotate(q_s, cos[:, -T:], sin[:, -T:]), rotate(k_s, cos, sin)) if self.config.rope else (q_s, k_s)
         )
-        o, state = chunk_dsla(
+        o, state = prefill_dsla(
             q_state, k_state, v_s, g_far, g_close, self.alpha, normalize=self.config.normalize, eps=self.config.eps,
             initial_state=state, gain=self.gain, window=W, q_rot=q_rot, k_rot=k_rot, beta=self.window_logit(),
             window_values=v_win, chunk_size=self.config.chunk_size,
@@ -324,7 +324,7 @@ class DSLAAttention(nn.Module):
         k, v = self.adapt("k", k), self.adapt("v", values[:, :, :n])
         g_far, g_close = self.gates(k, v)
         k_state = rotate(k, cos[:, :n], sin[:, :n]) if self.config.rope else k
-        _, state = chunk_dsla(  # the read-out is discarded: a zero query, any mixing
+        _, state = prefill_dsla(  # the read-out is discarded: a zero query, any mixing
             keys.new_zeros(B, self.num_heads, n, D), k_state, v, g_far, g_close, keys.new_zeros(2),
             normalize=self.config.normalize, chunk_size=self.config.chunk_size,
         )  # fmt: skip

@@ -1,12 +1,17 @@
-"""The fused C++ decode step (``csrc/dsla_step.cpp``), built on first use and cached per machine.
+"""The fused C++ kernels (``csrc/dsla.cpp``), built on first use and cached per machine.
 
-Batch-1 decode is bound by per-op dispatch: the Python DSLA step (``DSLAAttention.step`` over
-``step_dsla``) issues about 120 more small tensor ops per layer than attention does, so a DSLA layer
-decoded slower than the attention it replaced at every context measured. The fused step does the
-layer's token mixing after the q/k/v projection in one call, in place on the state pool.
+Decode step. Batch-1 decode is bound by per-op dispatch: the Python DSLA step (``DSLAAttention.step``
+over ``step_dsla``) issues about 120 more small tensor ops per layer than attention does, so a DSLA
+layer decoded slower than the attention it replaced at every context measured. The fused step does
+the layer's token mixing after the q/k/v projection in one call, in place on the state pool.
 
-The Python step stays the reference the kernel is tested against (and the path on machines without
-a C++ compiler: the build failing logs one warning). ``DSLA_SERVE_NATIVE=0`` turns the kernel off.
+Prefill scan (``scan_dsla``, same contract as ``chunk_dsla``). The chunked form's ~30 float32 ops
+per chunk lost to bfloat16 flash attention up to 8k tokens; the recurrence over D x D states kept in
+L1 does a DSLA layer's prefill in one call and no intermediate tensors but the reads. Inference only:
+training keeps the chunked form (autograd).
+
+The Python paths stay the references the kernels are tested against (and the paths on machines
+without a C++ compiler: the build failing logs one warning). ``DSLA_SERVE_NATIVE=0`` turns them off.
 """
 
 from __future__ import annotations
@@ -22,9 +27,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from dsla_serve.ops.chunk import chunk_dsla, compute_dtype
+from dsla_serve.ops.naive import StatePair, mixing_weights
+
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "dsla_step.cpp"
+SOURCE = Path(__file__).parent / "csrc" / "dsla.cpp"
 _lock = threading.Lock()
 _module: object | None = None
 _failed: str | None = None
@@ -66,7 +74,7 @@ def load() -> object | None:
                                 build_directory=str(out), verbose=False)  # fmt: skip
             except Exception as e:  # no compiler, no headers: the Python step still works
                 _failed = f"{type(e).__name__}: {e}"
-                log.warning("fused DSLA decode step unavailable, using the Python step (%s)", _failed.splitlines()[0])
+                log.warning("fused DSLA kernels unavailable, using the Python paths (%s)", _failed.splitlines()[0])
     return _module
 
 
@@ -116,3 +124,53 @@ def decode_step(
         normalize, rope, D**-0.5, D**-0.5,
     )  # fmt: skip
     return o, (extra if extra.numel() else None)
+
+
+def scan_ok(q: Tensor, *tensors: Tensor | None) -> bool:
+    """Whether ``scan_dsla`` can run these inputs: CPU, no autograd through them, kernels built."""
+    if q.device.type != "cpu" or q.shape[-1] % 2:
+        return False
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, *tensors)):
+        return False
+    return available()
+
+
+def scan_dsla(
+    q: Tensor, k: Tensor, v: Tensor, g_far: Tensor, g_close: Tensor, alpha: Tensor, *, scale: float | None = None,
+    normalize: bool = True, eps: float = 1e-6, initial_state: StatePair | None = None, gain: Tensor | None = None,
+    window: int = 0, q_rot: Tensor | None = None, k_rot: Tensor | None = None, beta: Tensor | None = None,
+    window_scale: float | None = None, window_values: Tensor | None = None,
+) -> tuple[Tensor, StatePair]:  # fmt: skip
+    """``chunk_dsla``'s contract by the C++ recurrent scan (no autograd). o is returned as a
+    (B, Hq, T, V) view of a (B, T, Hq, V) tensor: the layer's ``transpose(1, 2).reshape`` is free."""
+    B, Hq, T, K = q.shape
+    Hkv, L, V = k.shape[1], k.shape[2], v.shape[-1]
+    if not 0 <= L - T <= window:
+        raise ValueError(f"keys hold {L} tokens for {T} queries: the prefix must be 0..{window} window tokens")
+    f = compute_dtype(q.dtype)
+    dtype = q.dtype if q.dtype in (torch.float32, torch.bfloat16, torch.float64) else f
+    cast = lambda t: t if t.dtype == dtype else t.to(dtype)  # noqa: E731
+    state = q.new_zeros(2, B, Hkv, K, V, dtype=f) if initial_state is None else torch.stack(initial_state).to(f)
+    weights = mixing_weights(alpha, Hq, beta if window else None).to(f).contiguous()
+    none = q.new_empty(0, dtype=dtype)
+    W = window
+    o, state = load().dsla_scan(
+        cast(q), cast(k), cast(v), g_far.to(f), g_close.to(f), state.contiguous(), weights,
+        gain.to(f).contiguous() if gain is not None else none.to(f), cast(q if q_rot is None else q_rot) if W else none,
+        cast(k if k_rot is None else k_rot) if W else none,
+        cast(v if window_values is None else window_values) if W else none, W,
+        K**-0.5 if scale is None else scale, K**-0.5 if window_scale is None else window_scale, normalize, eps,
+    )  # fmt: skip
+    return o.transpose(1, 2).to(q.dtype), (state[0], state[1])
+
+
+def prefill_dsla(
+    q: Tensor, k: Tensor, v: Tensor, g_far: Tensor, g_close: Tensor, alpha: Tensor, **kwargs
+) -> tuple[Tensor, StatePair]:
+    """``scan_dsla`` where it runs (CPU inference), else ``chunk_dsla`` (training, CUDA, no compiler)."""
+    tensors = [t for t in (k, v, g_far, g_close, alpha, *kwargs.values()) if isinstance(t, Tensor)]
+    tensors += list(kwargs.get("initial_state") or ())
+    if scan_ok(q, *tensors):
+        kwargs.pop("chunk_size", None)
+        return scan_dsla(q, k, v, g_far, g_close, alpha, **kwargs)
+    return chunk_dsla(q, k, v, g_far, g_close, alpha, **kwargs)

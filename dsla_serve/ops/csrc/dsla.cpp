@@ -1,0 +1,699 @@
+// The fused C++ DSLA kernels: one decode step for a batch of pooled sequences, and the prefill scan.
+//
+// Both implement dsla_serve/ops/naive.py and are tested against the Python paths: the decode step
+// against the Python step (dsla_serve/ops/recurrent.py, driven by DSLAAttention.step), the scan
+// against the chunked form (dsla_serve/ops/chunk.py) and the naive reference.
+//
+// Decode step. Decode at batch 1 is bound by per-op dispatch overhead (about 150 small tensor ops per
+// layer in Python), so this kernel does the whole token mixing of a DSLA layer after the q/k/v
+// projection in one call, reading and writing the pool's slots in place: the leaving token's
+// un-rotation, the k/v/q adapters, both gates, the state update, the state reads with RMS norm and
+// gain, the exact window, the mixing and the output gate.
+//
+// Layouts (acc_t = float, double for a float64 model):
+//   qkv      (B, (Hq + 2 Hkv) D) scalar_t   q | k | v of the new token, un-rotated
+//   hidden   (B, hidden) scalar_t           layer input (for the q adapter), or empty
+//   cos/sin  (B, D) scalar_t                rotary of the new token; lcos/lsin: of the leaving one
+//   pos      (B,) int64                     position of the new token
+//   slots    (B,) int64                     pool slot of each row
+//   states   (S, 2, Hkv, D, D) acc_t        in place
+//   ring_k/v (S, Hkv, W, D) scalar_t        in place (W = 0: unused)
+//   gate_w   (nG Hkv D, 2 Hkv D), gate_b (nG Hkv D)   nG = 2 (far, close) or 1 (single state); columns
+//            [k of every head | v of every head]; the weights' own dtype
+//   adapters (A: (r, in), B transposed: (r, out)) acc_t, or empty tensors
+//   mix      (Hq, 2 | 3) acc_t              softmax of (alpha_far, alpha_close[, beta])
+//   gain     (Hq, D); og_w (D, D) transposed (in, out), og_b (Hq, D) or empty (no output gate)
+// Returns o (B, Hq D) scalar_t, and the o adapter's output (B, hidden) scalar_t (empty without one).
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+struct FlushDenormals {
+  // Flush-to-zero and denormals-are-zero while a worker runs a scan: softmax weights of far-away
+  // scores times values and long-decayed state rows fall below float's normal range, and x86 then
+  // takes microcode assists (a real layer's window measured 4x slower than on random inputs).
+#if defined(__x86_64__)
+  const unsigned int saved = _mm_getcsr();
+  FlushDenormals() { _mm_setcsr(saved | 0x8040); }
+  ~FlushDenormals() { _mm_setcsr(saved); }
+#endif
+};
+
+template <typename T>
+inline void rotate(const T* x, const T* cos, const T* sin, T* out, int64_t D, T sign) {
+  // Llama's rotary embedding: out = x cos + rotate_half(x) sin; sign = -1 undoes it.
+  const int64_t half = D / 2;
+  for (int64_t i = 0; i < half; ++i) {
+    out[i] = x[i] * cos[i] - sign * x[i + half] * sin[i];
+    out[i + half] = x[i + half] * cos[i + half] + sign * x[i] * sin[i + half];
+  }
+}
+
+template <typename T>
+inline T dot(const T* a, const T* b, int64_t n) {
+  T acc = 0;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t i = 0; i < n; ++i) acc += a[i] * b[i];
+  return acc;
+}
+
+template <typename T, typename S>
+inline T dot_mixed(const T* a, const S* b, int64_t n) {
+  T acc = 0;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t i = 0; i < n; ++i) acc += a[i] * static_cast<T>(b[i]);
+  return acc;
+}
+
+template <typename T>
+inline void low_rank_add(const T* A, const T* Bt, const T* x, T* y, int64_t n_in, int64_t n_out, int64_t r) {
+  // y += B (A x): a rank-r adapter; A (r, n_in), Bt = B transposed (r, n_out).
+  for (int64_t j = 0; j < r; ++j) {
+    const T t = dot(A + j * n_in, x, n_in);
+    const T* b = Bt + j * n_out;
+#pragma omp simd
+    for (int64_t o = 0; o < n_out; ++o) y[o] += b[o] * t;
+  }
+}
+
+template <typename T>
+inline T log_sigmoid(T x) {
+  return std::min(x, T(0)) - std::log1p(std::exp(-std::abs(x)));
+}
+
+template <typename acc_t, typename w_t>
+void gate_gemv(const at::Tensor& w, const at::Tensor& bias, const acc_t* x, const std::vector<char>& enters, acc_t* g,
+               int64_t B, int64_t n_out, int64_t n_in) {
+  const w_t* w_p = w.data_ptr<w_t>();
+  const w_t* b_p = bias.data_ptr<w_t>();
+  at::parallel_for(0, n_out, 64, [&](int64_t o0, int64_t o1) {
+    for (int64_t b = 0; b < B; ++b) {
+      if (!enters[b]) continue;
+      for (int64_t o = o0; o < o1; ++o) g[b * n_out + o] = dot_mixed(x + b * n_in, w_p + o * n_in, n_in) + acc_t(b_p[o]);
+    }
+  });
+}
+
+template <typename scalar_t, typename acc_t>
+std::vector<at::Tensor> step_impl(
+    const at::Tensor& qkv, const at::Tensor& hidden, const at::Tensor& cos, const at::Tensor& sin,
+    const at::Tensor& lcos, const at::Tensor& lsin, const at::Tensor& pos, const at::Tensor& slots,
+    at::Tensor& states, at::Tensor& ring_k, at::Tensor& ring_v, const at::Tensor& gate_w, const at::Tensor& gate_b,
+    const at::Tensor& ak, const at::Tensor& bk, const at::Tensor& av, const at::Tensor& bv, const at::Tensor& aq,
+    const at::Tensor& bq, const at::Tensor& ao, const at::Tensor& bo, const at::Tensor& mix, const at::Tensor& gain,
+    const at::Tensor& og_w, const at::Tensor& og_b, int64_t Hq, int64_t Hkv, int64_t D, double gate_normalizer,
+    double gate_min, double eps, bool normalize, bool rope, double scale, double window_scale) {
+  const int64_t B = qkv.size(0), W = ring_k.size(2), G = Hq / Hkv, KV = Hkv * D;
+  const int64_t row = qkv.size(1), n_gates = gate_w.size(0) / KV;
+  const bool has_window = W > 0;
+  const int64_t n_mix = mix.size(1);
+  const scalar_t* qkv_p = qkv.data_ptr<scalar_t>();
+  const int64_t* pos_p = pos.data_ptr<int64_t>();
+  const int64_t* slot_p = slots.data_ptr<int64_t>();
+  acc_t* st = states.data_ptr<acc_t>();
+  scalar_t* rk = has_window ? ring_k.data_ptr<scalar_t>() : nullptr;
+  scalar_t* rv = has_window ? ring_v.data_ptr<scalar_t>() : nullptr;
+
+  // Phase 1, per row: the token entering the states (un-rotated, adapted) and the window write.
+  auto opts = states.options();
+  at::Tensor x = at::zeros({B, 2 * KV}, opts);  // [k_s | v_s] of the entering token
+  at::Tensor q_state = at::empty({B, Hq * D}, opts);
+  std::vector<char> enters(B);
+  acc_t* x_p = x.data_ptr<acc_t>();
+  acc_t* qs_p = q_state.data_ptr<acc_t>();
+  const scalar_t *c_p = cos.data_ptr<scalar_t>(), *s_p = sin.data_ptr<scalar_t>();
+  const scalar_t *lc_p = lcos.data_ptr<scalar_t>(), *ls_p = lsin.data_ptr<scalar_t>();
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<acc_t> lc(D), ls(D), cc(D), ss(D), a(D), rot(D);
+    for (int64_t b = b0; b < b1; ++b) {
+      const scalar_t* in = qkv_p + b * row;
+      const int64_t p = pos_p[b];
+      acc_t* xk = x_p + b * 2 * KV;
+      acc_t* xv = xk + KV;
+      enters[b] = has_window ? p >= W : 1;
+      if (has_window) {
+        const int64_t j = p % W, slot = slot_p[b];
+        for (int64_t i = 0; i < D; ++i) {
+          lc[i] = lc_p[b * D + i];
+          ls[i] = ls_p[b * D + i];
+          cc[i] = c_p[b * D + i];
+          ss[i] = s_p[b * D + i];
+        }
+        for (int64_t h = 0; h < Hkv; ++h) {
+          scalar_t* kslot = rk + ((slot * Hkv + h) * W + j) * D;
+          scalar_t* vslot = rv + ((slot * Hkv + h) * W + j) * D;
+          if (enters[b]) {  // the token leaving the window (same ring slot): un-rotate its key
+            for (int64_t i = 0; i < D; ++i) a[i] = kslot[i];
+            rotate<acc_t>(a.data(), lc.data(), ls.data(), xk + h * D, D, acc_t(-1));
+            for (int64_t i = 0; i < D; ++i) xv[h * D + i] = vslot[i];
+          }
+          const scalar_t* k_new = in + Hq * D + h * D;
+          const scalar_t* v_new = in + (Hq + Hkv) * D + h * D;
+          for (int64_t i = 0; i < D; ++i) a[i] = k_new[i];
+          rotate<acc_t>(a.data(), cc.data(), ss.data(), rot.data(), D, acc_t(1));
+          for (int64_t i = 0; i < D; ++i) {
+            kslot[i] = static_cast<scalar_t>(rot[i]);
+            vslot[i] = v_new[i];
+          }
+        }
+      } else {
+        for (int64_t i = 0; i < KV; ++i) {
+          xk[i] = in[Hq * D + i];
+          xv[i] = in[(Hq + Hkv) * D + i];
+        }
+      }
+      if (enters[b]) {
+        if (ak.numel()) {
+          std::vector<acc_t> k0(xk, xk + KV);
+          low_rank_add<acc_t>(ak.data_ptr<acc_t>(), bk.data_ptr<acc_t>(), k0.data(), xk, KV, KV, ak.size(0));
+        }
+        if (av.numel()) {
+          std::vector<acc_t> v0(xv, xv + KV);
+          low_rank_add<acc_t>(av.data_ptr<acc_t>(), bv.data_ptr<acc_t>(), v0.data(), xv, KV, KV, av.size(0));
+        }
+      }
+      acc_t* qs = qs_p + b * Hq * D;
+      for (int64_t i = 0; i < Hq * D; ++i) qs[i] = in[i];
+      if (aq.numel()) {
+        const int64_t n = hidden.size(1);
+        std::vector<acc_t> hb(n);
+        const scalar_t* hp = hidden.data_ptr<scalar_t>() + b * n;
+        for (int64_t i = 0; i < n; ++i) hb[i] = hp[i];
+        low_rank_add<acc_t>(aq.data_ptr<acc_t>(), bq.data_ptr<acc_t>(), hb.data(), qs, n, Hq * D, aq.size(0));
+      }
+    }
+  });
+
+  // Phase 2: both gates of every entering row, (B, nG KV), from weights in their own dtype (bfloat16
+  // halves the bytes a step reads; a one-row bfloat16 GEMM through ATen measured 3x slower than this).
+  std::vector<acc_t> g(B * n_gates * KV);
+  const acc_t* g_p = g.data();
+  if (gate_w.scalar_type() == at::kBFloat16) {
+    gate_gemv<acc_t, c10::BFloat16>(gate_w, gate_b, x_p, enters, g.data(), B, n_gates * KV, 2 * KV);
+  } else {
+    TORCH_CHECK(gate_w.scalar_type() == states.scalar_type(), "gate weights must be bfloat16 or the states' dtype");
+    gate_gemv<acc_t, acc_t>(gate_w, gate_b, x_p, enters, g.data(), B, n_gates * KV, 2 * KV);
+  }
+
+  // Phase 3, per (row, KV head): state update, reads, window, mixing, output gate.
+  at::Tensor o = at::empty({B, Hq * D}, qkv.options());
+  scalar_t* o_p = o.data_ptr<scalar_t>();
+  const acc_t* mix_p = mix.data_ptr<acc_t>();
+  const acc_t* gain_p = gain.data_ptr<acc_t>();
+  const bool out_gate = og_w.numel() > 0;
+  at::parallel_for(0, B * Hkv, 1, [&](int64_t i0, int64_t i1) {
+    const FlushDenormals ftz;
+    std::vector<acc_t> decay(D), kst(D), q_rot(D), read(D), win(D), scores(std::max<int64_t>(W, 1)), cc(D), ss(D),
+        lc(D), ls(D), qv(D), qg(G * D), reads(G * D), outs(G * D);
+    for (int64_t it = i0; it < i1; ++it) {
+      const int64_t b = it / Hkv, h = it % Hkv, p = pos_p[b];
+      const scalar_t* in = qkv_p + b * row;
+      acc_t* S = st + (slot_p[b] * 2 * Hkv + h) * D * D;  // state s at S + s Hkv D D
+      const acc_t* xk = x_p + b * 2 * KV + h * D;
+      const acc_t* xv = x_p + b * 2 * KV + KV + h * D;
+      for (int64_t i = 0; i < D; ++i) {
+        cc[i] = c_p[b * D + i];
+        ss[i] = s_p[b * D + i];
+      }
+      const bool has_state = enters[b];  // with a window: a token has left it, so the states hold one
+      if (enters[b]) {
+        if (rope) {
+          for (int64_t i = 0; i < D; ++i) {  // the entering token's position: the leaving one's with a window
+            lc[i] = has_window ? acc_t(lc_p[b * D + i]) : cc[i];
+            ls[i] = has_window ? acc_t(ls_p[b * D + i]) : ss[i];
+          }
+          rotate<acc_t>(xk, lc.data(), ls.data(), kst.data(), D, acc_t(1));
+        } else {
+          std::copy(xk, xk + D, kst.begin());
+        }
+      }
+      // The group's queries, scaled (and rotated with rope).
+      for (int64_t gq = 0; gq < G; ++gq) {
+        const acc_t* qsrc = qs_p + b * Hq * D + (h * G + gq) * D;
+        acc_t* dst = qg.data() + gq * D;
+        if (rope) {
+          rotate<acc_t>(qsrc, cc.data(), ss.data(), dst, D, acc_t(1));
+        } else {
+          std::copy(qsrc, qsrc + D, dst);
+        }
+        for (int64_t i = 0; i < D; ++i) dst[i] *= acc_t(scale);
+      }
+      std::fill(outs.begin(), outs.end(), acc_t(0));
+      for (int64_t s = 0; s < 2 && has_state; ++s) {
+        // One pass over the state: update each row (a token enters), then every query of the group reads it.
+        acc_t* Ss = S + s * Hkv * D * D;
+        const acc_t* gs = g_p + b * n_gates * KV + std::min<int64_t>(s, n_gates - 1) * KV + h * D;
+        for (int64_t i = 0; i < D; ++i) {
+          const acc_t gv = log_sigmoid(gs[i]) / acc_t(gate_normalizer);
+          decay[i] = std::exp(std::max(gv, acc_t(gate_min)));
+        }
+        std::fill(reads.begin(), reads.end(), acc_t(0));
+        for (int64_t i = 0; i < D; ++i) {
+          acc_t* r = Ss + i * D;
+          const acc_t di = decay[i], ki = kst[i];
+#pragma omp simd
+          for (int64_t j = 0; j < D; ++j) r[j] = di * r[j] + ki * xv[j];
+          for (int64_t gq = 0; gq < G; ++gq) {
+            const acc_t qi = qg[gq * D + i];
+            acc_t* rd = reads.data() + gq * D;
+#pragma omp simd
+            for (int64_t j = 0; j < D; ++j) rd[j] += qi * r[j];
+          }
+        }
+        for (int64_t gq = 0; gq < G; ++gq) {
+          const int64_t hq = h * G + gq;
+          const acc_t* rd = reads.data() + gq * D;
+          acc_t norm = 1;
+          if (normalize) norm = acc_t(1) / std::sqrt(dot(rd, rd, D) / acc_t(D) + acc_t(eps));
+          const acc_t w = mix_p[hq * n_mix + s] * norm;
+          acc_t* out = outs.data() + gq * D;
+#pragma omp simd
+          for (int64_t j = 0; j < D; ++j) out[j] += w * rd[j] * gain_p[hq * D + j];
+        }
+      }
+      for (int64_t gq = 0; gq < G; ++gq) {
+        const int64_t hq = h * G + gq;
+        acc_t* out = outs.data() + gq * D;
+        if (has_window) {
+          for (int64_t i = 0; i < D; ++i) qv[i] = in[hq * D + i];
+          rotate<acc_t>(qv.data(), cc.data(), ss.data(), q_rot.data(), D, acc_t(1));
+          const int64_t n_valid = std::min(p + 1, W), slot = slot_p[b];
+          const scalar_t* keys = rk + (slot * Hkv + h) * W * D;
+          const scalar_t* vals = rv + (slot * Hkv + h) * W * D;
+          acc_t mx = -INFINITY;
+          for (int64_t t = 0; t < n_valid; ++t) {
+            scores[t] = dot_mixed(q_rot.data(), keys + t * D, D) * acc_t(window_scale);
+            mx = std::max(mx, scores[t]);
+          }
+          acc_t den = 0;
+          for (int64_t t = 0; t < n_valid; ++t) den += (scores[t] = std::exp(scores[t] - mx));
+          std::fill(win.begin(), win.end(), acc_t(0));
+          for (int64_t t = 0; t < n_valid; ++t) {
+            const acc_t pt = scores[t] / den;
+            const scalar_t* vt = vals + t * D;
+#pragma omp simd
+            for (int64_t j = 0; j < D; ++j) win[j] += pt * static_cast<acc_t>(vt[j]);
+          }
+          const acc_t w = has_state ? mix_p[hq * n_mix + 2] : acc_t(1);
+          for (int64_t j = 0; j < D; ++j) out[j] += w * win[j];
+        }
+        if (out_gate) {  // 2 sigmoid(W_og q + b_og), from the un-rotated query
+          const acc_t* wog_t = og_w.data_ptr<acc_t>();  // transposed: (in, out)
+          const acc_t* bog = og_b.data_ptr<acc_t>() + hq * D;
+          std::copy(bog, bog + D, read.begin());
+          for (int64_t i = 0; i < D; ++i) {
+            const acc_t qi = in[hq * D + i];
+            const acc_t* w = wog_t + i * D;
+#pragma omp simd
+            for (int64_t j = 0; j < D; ++j) read[j] += w[j] * qi;
+          }
+          for (int64_t j = 0; j < D; ++j) out[j] *= acc_t(2) / (acc_t(1) + std::exp(-read[j]));
+        }
+        scalar_t* dst = o_p + b * Hq * D + hq * D;
+        for (int64_t j = 0; j < D; ++j) dst[j] = static_cast<scalar_t>(out[j]);
+      }
+    }
+  });
+
+  at::Tensor extra = at::empty({0}, qkv.options());
+  if (ao.numel()) {  // o adapter: B (A o), on the mixed read-out as the output projection sees it
+    const int64_t n = ao.size(1), n_out = bo.size(1);
+    extra = at::empty({B, n_out}, qkv.options());
+    scalar_t* e_p = extra.data_ptr<scalar_t>();
+    std::vector<acc_t> ob(n), y(n_out);
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t i = 0; i < n; ++i) ob[i] = o_p[b * n + i];
+      std::fill(y.begin(), y.end(), acc_t(0));
+      low_rank_add<acc_t>(ao.data_ptr<acc_t>(), bo.data_ptr<acc_t>(), ob.data(), y.data(), n, n_out, ao.size(0));
+      for (int64_t i = 0; i < n_out; ++i) e_p[b * n_out + i] = static_cast<scalar_t>(y[i]);
+    }
+  }
+  return {o, extra};
+}
+
+// ---- Prefill scan ----
+//
+// The chunked form (dsla_serve/ops/chunk.py) builds each chunk's decay-masked score matrix with ~30
+// float32 tensor ops; on this CPU it lost to bfloat16 flash attention up to 8k tokens. The states are
+// small (D x D per KV head), so the plain recurrence is cheaper here: each token updates every state
+// row and the group's queries read the row while it is in registers, one pass over the state per
+// token, states in L1. Phase 1 scans each (sequence, state, KV head) alone and stores the raw reads;
+// phase 2 mixes them per token with the exact window.
+
+template <typename T>
+struct View4 {  // a 4-d tensor whose last axis is contiguous: element (a, b, c, :)
+  const T* p;
+  int64_t s0, s1, s2;
+  explicit View4(const at::Tensor& t) : p(t.data_ptr<T>()), s0(t.stride(0)), s1(t.stride(1)), s2(t.stride(2)) {}
+  const T* at(int64_t a, int64_t b, int64_t c) const { return p + a * s0 + b * s1 + c * s2; }
+};
+
+template <typename T>
+inline T exp_shifted(T* x, int64_t n, T shift) {
+  // x[i] = exp(x[i] - shift) in place; returns their sum. Arguments <= 0 (decays; softmax scores
+  // after their max). float with AVX-512: Cody-Waite reduction, a degree-7 polynomial and scalef,
+  // 16 lanes (< 2 ulp; GCC 12 leaves std::exp and bit-cast versions of this scalar, one call per
+  // element); elsewhere std::exp, so the float64 tests compare exactly.
+  T sum = 0;
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float>) {
+    const __m512 s = _mm512_set1_ps(shift), lo = _mm512_set1_ps(-87.0f);
+    __m512 acc = _mm512_setzero_ps();
+    for (; i < n; i += 16) {
+      const __mmask16 m = n - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - i)) - 1);
+      const __m512 x0 = _mm512_max_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + i), s), lo);
+      const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x0, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
+      __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693145752f), x0);
+      r = _mm512_fnmadd_ps(k, _mm512_set1_ps(1.42860677e-6f), r);
+      __m512 p = _mm512_set1_ps(1.98412698e-4f);
+      for (const float c : {1.38888889e-3f, 8.33333333e-3f, 4.16666667e-2f, 1.66666667e-1f, 0.5f, 1.0f, 1.0f}) {
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+      }
+      p = _mm512_scalef_ps(p, k);
+      _mm512_mask_storeu_ps(x + i, m, p);
+      acc = _mm512_add_ps(acc, _mm512_maskz_mov_ps(m, p));
+    }
+    return _mm512_reduce_add_ps(acc);
+  }
+#endif
+  for (; i < n; ++i) sum += (x[i] = std::exp(x[i] - shift));
+  return sum;
+}
+
+template <typename acc_t, int64_t D, int64_t G>
+inline void scan_token(acc_t* S, const acc_t* decay, const acc_t* kk, const acc_t* vv, const acc_t* qq, acc_t* out,
+                       int64_t out_stride) {
+  // One token on one D x D state: every row decays and takes k v^T, and the G queries read the row
+  // while it is in registers. Blocks of one vector register of columns keep the G accumulators there.
+  constexpr int64_t block = 128 / sizeof(acc_t);  // two vector registers: 2 G independent FMA chains
+  static_assert(D % block == 0, "head_dim must be a multiple of two vector registers");
+  for (int64_t jb = 0; jb < D; jb += block) {
+    acc_t acc[G][block] = {};
+    acc_t vb[block];
+    for (int64_t j = 0; j < block; ++j) vb[j] = vv[jb + j];
+    for (int64_t r = 0; r < D; ++r) {
+      acc_t* row = S + r * D + jb;
+      const acc_t dr = decay[r], kr = kk[r];
+#pragma omp simd
+      for (int64_t j = 0; j < block; ++j) row[j] = dr * row[j] + kr * vb[j];
+      for (int64_t g = 0; g < G; ++g) {
+        const acc_t qr = qq[g * D + r];
+#pragma omp simd
+        for (int64_t j = 0; j < block; ++j) acc[g][j] += qr * row[j];
+      }
+    }
+    for (int64_t g = 0; g < G; ++g) std::copy(acc[g], acc[g] + block, out + g * out_stride + jb);
+  }
+}
+
+template <typename acc_t>
+inline void scan_token_any(acc_t* S, const acc_t* decay, const acc_t* kk, const acc_t* vv, const acc_t* qq, acc_t* out,
+                           int64_t out_stride, int64_t D, int64_t G) {
+  for (int64_t g = 0; g < G; ++g) std::fill(out + g * out_stride, out + g * out_stride + D, acc_t(0));
+  for (int64_t r = 0; r < D; ++r) {
+    acc_t* row = S + r * D;
+#pragma omp simd
+    for (int64_t j = 0; j < D; ++j) row[j] = decay[r] * row[j] + kk[r] * vv[j];
+    for (int64_t g = 0; g < G; ++g) {
+      acc_t* a = out + g * out_stride;
+#pragma omp simd
+      for (int64_t j = 0; j < D; ++j) a[j] += qq[g * D + r] * row[j];
+    }
+  }
+}
+
+template <typename acc_t>
+using TokenFn = void (*)(acc_t*, const acc_t*, const acc_t*, const acc_t*, const acc_t*, acc_t*, int64_t);
+
+template <typename acc_t, int64_t D>
+TokenFn<acc_t> token_fn_g(int64_t G) {
+  switch (G) {
+    case 1: return scan_token<acc_t, D, 1>;
+    case 2: return scan_token<acc_t, D, 2>;
+    case 3: return scan_token<acc_t, D, 3>;
+    case 4: return scan_token<acc_t, D, 4>;
+    case 5: return scan_token<acc_t, D, 5>;
+    case 6: return scan_token<acc_t, D, 6>;
+    case 7: return scan_token<acc_t, D, 7>;
+    case 8: return scan_token<acc_t, D, 8>;
+    default: return nullptr;
+  }
+}
+
+template <typename acc_t>
+TokenFn<acc_t> token_fn(int64_t D, int64_t G) {
+  // Specialised for the common head sizes and groups; nullptr: the generic loop.
+  if (D == 64) return token_fn_g<acc_t, 64>(G);
+  if (D == 128) return token_fn_g<acc_t, 128>(G);
+  return nullptr;
+}
+
+template <typename scalar_t, typename acc_t>
+void scan_state(const View4<scalar_t>& q, const View4<scalar_t>& k, const View4<scalar_t>& v, const View4<acc_t>& g,
+                int64_t b, int64_t h, int64_t G, int64_t T, int64_t P, int64_t W, int64_t D, acc_t scale, acc_t* S,
+                acc_t* reads /* (G, T, D) */) {
+  // One state of one KV head over the T new tokens: the token P + i - W enters, then query i reads.
+  const TokenFn<acc_t> fast = token_fn<acc_t>(D, G);
+  std::vector<acc_t> decay(D), kk(D), vv(D), qq(G * D);
+  for (int64_t i = std::max<int64_t>(0, W - P); i < T; ++i) {  // earlier queries: nothing has left the window
+    const int64_t e = P + i - W;
+    const scalar_t* kp = k.at(b, h, e);
+    const scalar_t* vp = v.at(b, h, e);
+    const acc_t* gp = g.at(b, h, e);
+    std::copy(gp, gp + D, decay.begin());
+    exp_shifted(decay.data(), D, acc_t(0));
+    for (int64_t r = 0; r < D; ++r) {
+      kk[r] = kp[r];
+      vv[r] = vp[r];
+    }
+    for (int64_t gq = 0; gq < G; ++gq) {
+      const scalar_t* qp = q.at(b, h * G + gq, i);
+      for (int64_t r = 0; r < D; ++r) qq[gq * D + r] = acc_t(qp[r]) * scale;
+    }
+    if (fast) {
+      fast(S, decay.data(), kk.data(), vv.data(), qq.data(), reads + i * D, T * D);
+    } else {
+      scan_token_any(S, decay.data(), kk.data(), vv.data(), qq.data(), reads + i * D, T * D, D, G);
+    }
+  }
+}
+
+template <typename acc_t, int64_t DC>
+inline void window_head(const acc_t* qq, const acc_t* kt, int64_t Lp, const acc_t* vt, int64_t n, acc_t w, acc_t* sc,
+                        acc_t* out, int64_t D_rt) {
+  // out += w softmax(q . keys) values for one query over its n window keys: kt (D, Lp) transposed keys
+  // from the first one, vt (n, D). Independent accumulators hide the FMA latency; DC > 0 (the head
+  // size known at compile time) keeps the output in registers.
+  constexpr int64_t lanes = 64 / sizeof(acc_t);
+  const int64_t D = DC > 0 ? DC : D_rt;
+  for (int64_t tb = 0; tb < n; tb += lanes) {  // one register of scores; keys past the query: padding
+    acc_t a[4][lanes] = {};
+    int64_t d = 0;
+    for (; d + 4 <= D; d += 4) {
+      for (int64_t u = 0; u < 4; ++u) {
+        const acc_t qd = qq[d + u];
+        const acc_t* kd = kt + (d + u) * Lp + tb;
+#pragma omp simd
+        for (int64_t j = 0; j < lanes; ++j) a[u][j] += qd * kd[j];
+      }
+    }
+    for (; d < D; ++d) {
+#pragma omp simd
+      for (int64_t j = 0; j < lanes; ++j) a[0][j] += qq[d] * kt[d * Lp + tb + j];
+    }
+#pragma omp simd
+    for (int64_t j = 0; j < lanes; ++j) sc[tb + j] = (a[0][j] + a[1][j]) + (a[2][j] + a[3][j]);
+  }
+  acc_t mx = -INFINITY;
+  for (int64_t t = 0; t < n; ++t) mx = std::max(mx, sc[t]);
+  const acc_t scale = w / exp_shifted(sc, n, mx);
+  if constexpr (DC > 0) {
+    acc_t o[DC] = {};
+    for (int64_t t = 0; t < n; ++t) {
+      const acc_t pt = scale * sc[t];
+#pragma omp simd
+      for (int64_t j = 0; j < DC; ++j) o[j] += pt * vt[t * DC + j];
+    }
+#pragma omp simd
+    for (int64_t j = 0; j < DC; ++j) out[j] += o[j];
+  } else {
+    for (int64_t t = 0; t < n; ++t) {
+      const acc_t pt = scale * sc[t];
+#pragma omp simd
+      for (int64_t j = 0; j < D; ++j) out[j] += pt * vt[t * D + j];
+    }
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+std::vector<at::Tensor> scan_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& g_far,
+                                  const at::Tensor& g_close, at::Tensor state, const at::Tensor& mix,
+                                  const at::Tensor& gain, const at::Tensor& q_rot, const at::Tensor& k_rot,
+                                  const at::Tensor& v_win, int64_t W, double scale, double window_scale, bool normalize,
+                                  double eps) {
+  const int64_t B = q.size(0), Hq = q.size(1), T = q.size(2), D = q.size(3);
+  const int64_t Hkv = k.size(1), L = k.size(2), G = Hq / Hkv, P = L - T, n_mix = mix.size(1);
+  at::Tensor reads = at::zeros({2, B, Hq, T, D}, state.options());
+  acc_t* reads_p = reads.data_ptr<acc_t>();
+  acc_t* st = state.data_ptr<acc_t>();
+  const View4<scalar_t> qv(q), kv(k), vv(v);
+  const View4<acc_t> gv[2] = {View4<acc_t>(g_far), View4<acc_t>(g_close)};
+  at::parallel_for(0, 2 * B * Hkv, 1, [&](int64_t t0, int64_t t1) {
+    const FlushDenormals ftz;
+    for (int64_t task = t0; task < t1; ++task) {  // (state, sequence, KV head), the states' layout
+      const int64_t s = task / (B * Hkv), b = (task / Hkv) % B, h = task % Hkv;
+      acc_t* rd = reads_p + ((s * B + b) * Hq + h * G) * T * D;
+      scan_state<scalar_t, acc_t>(qv, kv, vv, gv[s], b, h, G, T, P, W, D, acc_t(scale), st + task * D * D, rd);
+    }
+  });
+
+  // The window's keys transposed, (B, Hkv, D, L + lanes) (zero padding: whole registers of scores
+  // are computed past the last key and ignored), and values, (B, Hkv, L, D), in acc_t: a query's
+  // scores over its W keys are then vector FMAs along the keys, with no horizontal sums.
+  constexpr int64_t lanes = 64 / sizeof(acc_t);
+  const int64_t Lp = L + lanes;
+  at::Tensor keys_t, vals;
+  if (W) {
+    keys_t = at::constant_pad_nd(k_rot.to(state.scalar_type()).transpose(2, 3), {0, lanes});
+    vals = v_win.to(state.scalar_type()).contiguous();
+  }
+  const acc_t* kt_p = W ? keys_t.data_ptr<acc_t>() : nullptr;
+  const acc_t* v_p = W ? vals.data_ptr<acc_t>() : nullptr;
+
+  // Phase 2, per token: RMS norm and gain of each state's read, the window, the mixing.
+  at::Tensor o = at::empty({B, T, Hq, D}, q.options());
+  scalar_t* o_p = o.data_ptr<scalar_t>();
+  const acc_t* mix_p = mix.data_ptr<acc_t>();
+  const acc_t* gain_p = gain.numel() ? gain.data_ptr<acc_t>() : nullptr;
+  const View4<scalar_t> qr(W ? q_rot : q);
+  at::parallel_for(0, B * T, 16, [&](int64_t t0, int64_t t1) {
+    const FlushDenormals ftz;
+    std::vector<acc_t> out(D), qq(D), scores(W + lanes);
+    for (int64_t it = t0; it < t1; ++it) {
+      const int64_t b = it / T, i = it % T;
+      const bool has_state = P + i - W >= 0;
+      for (int64_t hq = 0; hq < Hq; ++hq) {
+        std::fill(out.begin(), out.end(), acc_t(0));
+        for (int64_t s = 0; s < 2 && has_state; ++s) {
+          const acc_t* rd = reads_p + (((s * B + b) * Hq + hq) * T + i) * D;
+          acc_t norm = 1;
+          if (normalize) norm = acc_t(1) / std::sqrt(dot(rd, rd, D) / acc_t(D) + acc_t(eps));
+          const acc_t w = mix_p[hq * n_mix + s] * norm;
+#pragma omp simd
+          for (int64_t j = 0; j < D; ++j) out[j] += w * rd[j] * (gain_p ? gain_p[hq * D + j] : acc_t(1));
+        }
+        if (W) {  // softmax over the n keys c - n + 1 .. c, c = P + i: the query's own among them
+          const int64_t h = hq / G, c = P + i, lo = std::max<int64_t>(0, c - W + 1), n = c - lo + 1;
+          const scalar_t* qp = qr.at(b, hq, i);
+          for (int64_t j = 0; j < D; ++j) qq[j] = acc_t(qp[j]) * acc_t(window_scale);
+          const acc_t w = has_state ? mix_p[hq * n_mix + 2] : acc_t(1);
+          const acc_t* kt = kt_p + (b * Hkv + h) * D * Lp + lo;
+          const acc_t* vt = v_p + ((b * Hkv + h) * L + lo) * D;
+          if (D == 64) {
+            window_head<acc_t, 64>(qq.data(), kt, Lp, vt, n, w, scores.data(), out.data(), D);
+          } else if (D == 128) {
+            window_head<acc_t, 128>(qq.data(), kt, Lp, vt, n, w, scores.data(), out.data(), D);
+          } else {
+            window_head<acc_t, 0>(qq.data(), kt, Lp, vt, n, w, scores.data(), out.data(), D);
+          }
+        }
+        scalar_t* dst = o_p + ((b * T + i) * Hq + hq) * D;
+        for (int64_t j = 0; j < D; ++j) dst[j] = static_cast<scalar_t>(out[j]);
+      }
+    }
+  });
+  return {o, state};
+}
+
+}  // namespace
+
+std::vector<at::Tensor> dsla_decode_step(
+    at::Tensor qkv, at::Tensor hidden, at::Tensor cos, at::Tensor sin, at::Tensor lcos, at::Tensor lsin,
+    at::Tensor pos, at::Tensor slots, at::Tensor states, at::Tensor ring_k, at::Tensor ring_v, at::Tensor gate_w,
+    at::Tensor gate_b, at::Tensor ak, at::Tensor bk, at::Tensor av, at::Tensor bv, at::Tensor aq, at::Tensor bq,
+    at::Tensor ao, at::Tensor bo, at::Tensor mix, at::Tensor gain, at::Tensor og_w, at::Tensor og_b, int64_t Hq,
+    int64_t Hkv, int64_t D, double gate_normalizer, double gate_min, double eps, bool normalize, bool rope,
+    double scale, double window_scale) {
+  TORCH_CHECK(qkv.device().is_cpu(), "dsla_decode_step runs on the CPU");
+  TORCH_CHECK(qkv.dim() == 2 && qkv.size(1) == (Hq + 2 * Hkv) * D, "qkv must be (B, (Hq + 2 Hkv) D)");
+  TORCH_CHECK(states.is_contiguous() && ring_k.is_contiguous() && ring_v.is_contiguous(), "pool tensors must be contiguous");
+  TORCH_CHECK(D % 2 == 0, "head_dim must be even");
+  for (const at::Tensor* t : {&cos, &sin, &lcos, &lsin, &ring_k, &ring_v}) {
+    TORCH_CHECK(t->scalar_type() == qkv.scalar_type(), "rotary tables and window rings must have qkv's dtype");
+  }
+  TORCH_CHECK(hidden.numel() == 0 || hidden.scalar_type() == qkv.scalar_type(), "hidden must have qkv's dtype");
+  TORCH_CHECK(pos.scalar_type() == at::kLong && slots.scalar_type() == at::kLong, "pos and slots must be int64");
+  for (const at::Tensor* t : {&ak, &bk, &av, &bv, &aq, &bq, &ao, &bo, &mix, &gain, &og_w, &og_b}) {
+    TORCH_CHECK(t->numel() == 0 || (t->scalar_type() == states.scalar_type() && t->is_contiguous()),
+                "layer parameters must be contiguous, in the states' dtype");
+  }
+  std::vector<at::Tensor> out;
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, qkv.scalar_type(), "dsla_decode_step", [&] {
+    using acc = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    TORCH_CHECK(states.scalar_type() == c10::CppTypeToScalarType<acc>::value, "states must be float32 (float64 model: float64)");
+    out = step_impl<scalar_t, acc>(
+        qkv.contiguous(), hidden.contiguous(), cos.contiguous(), sin.contiguous(), lcos.contiguous(),
+        lsin.contiguous(), pos.contiguous(), slots.contiguous(), states, ring_k, ring_v, gate_w, gate_b, ak, bk, av,
+        bv, aq, bq, ao, bo, mix, gain, og_w, og_b, Hq, Hkv, D, gate_normalizer, gate_min, eps, normalize, rope, scale,
+        window_scale);
+  });
+  return out;
+}
+
+std::vector<at::Tensor> dsla_scan(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor g_far, at::Tensor g_close,
+                                  at::Tensor state, at::Tensor mix, at::Tensor gain, at::Tensor q_rot, at::Tensor k_rot,
+                                  at::Tensor v_win, int64_t W, double scale, double window_scale, bool normalize,
+                                  double eps) {
+  TORCH_CHECK(q.device().is_cpu(), "dsla_scan runs on the CPU");
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "q, k, v must be (B, H, T, D)");
+  const int64_t B = q.size(0), Hq = q.size(1), T = q.size(2), D = q.size(3), Hkv = k.size(1), L = k.size(2);
+  TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, "query heads must be a multiple of KV heads");
+  TORCH_CHECK(L - T >= 0 && L - T <= W, "keys hold ", L, " tokens for ", T, " queries: the prefix must be 0..", W);
+  TORCH_CHECK(v.size(3) == D && k.size(3) == D, "the scan needs K == V == head_dim");
+  TORCH_CHECK(state.dim() == 5 && state.size(0) == 2 && state.size(1) == B && state.size(2) == Hkv &&
+                  state.size(3) == D && state.size(4) == D && state.is_contiguous(),
+              "state must be contiguous (2, B, Hkv, D, D)");
+  auto last_contiguous = [](const at::Tensor& t) { return t.size(-1) <= 1 || t.stride(-1) == 1 ? t : t.contiguous(); };
+  q = last_contiguous(q), k = last_contiguous(k), v = last_contiguous(v);
+  g_far = last_contiguous(g_far), g_close = last_contiguous(g_close);
+  if (W) {
+    TORCH_CHECK(q_rot.sizes() == q.sizes() && k_rot.sizes() == k.sizes() && v_win.sizes() == v.sizes(),
+                "q_rot, k_rot, v_win must match q, k, v");
+    q_rot = last_contiguous(q_rot), k_rot = last_contiguous(k_rot), v_win = last_contiguous(v_win);
+  }
+  for (const at::Tensor* t : {&k, &v, &q_rot, &k_rot, &v_win}) {
+    TORCH_CHECK(t->numel() == 0 || t->scalar_type() == q.scalar_type(), "q, k, v and the window inputs share one dtype");
+  }
+  for (const at::Tensor* t : {&g_far, &g_close, &mix, &gain}) {
+    TORCH_CHECK(t->numel() == 0 || t->scalar_type() == state.scalar_type(), "gates, mixing and gain need the state dtype");
+  }
+  TORCH_CHECK(g_far.sizes() == k.sizes() && g_close.sizes() == k.sizes(), "gates must be shaped like k");
+  TORCH_CHECK(mix.dim() == 2 && mix.size(0) == Hq && mix.size(1) == (W ? 3 : 2) && mix.is_contiguous(),
+              "mix must be contiguous (Hq, 2), (Hq, 3) with a window");
+  TORCH_CHECK(gain.numel() == 0 || (gain.numel() == Hq * D && gain.is_contiguous()), "gain must be (Hq, D)");
+  std::vector<at::Tensor> out;
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "dsla_scan", [&] {
+    using acc = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    TORCH_CHECK(state.scalar_type() == c10::CppTypeToScalarType<acc>::value, "state must be float32 (float64 model: float64)");
+    out = scan_impl<scalar_t, acc>(q, k, v, g_far, g_close, state, mix, gain, q_rot, k_rot, v_win, W, scale,
+                                   window_scale, normalize, eps);
+  });
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("dsla_decode_step", &dsla_decode_step, "one fused DSLA decode step over pooled slots (in place)");
+  m.def("dsla_scan", &dsla_scan, "DSLA prefill: the recurrent scan of both states and the window (state in place)");
+}
