@@ -148,8 +148,9 @@ def bench_kernel(
         print(json.dumps(r))
         return
     naive = f"{r['naive_dsla_s']:.3f} s" if r["naive_dsla_s"] is not None else "skipped"
+    scan = f"{r['scan_dsla_s'] * 1000:.1f} ms" if r["scan_dsla_s"] is not None else "unavailable"
     print(
-        f"T={seq_len} H={heads} D={head_dim}: chunk DSLA {r['chunk_dsla_s'] * 1000:.1f} ms | SDPA causal "
+        f"T={seq_len} H={heads} D={head_dim}: chunk DSLA {r['chunk_dsla_s'] * 1000:.1f} ms | C++ scan {scan} | SDPA causal "
         f"{r['sdpa_causal_s'] * 1000:.1f} ms | naive {naive} | decode step: DSLA {r['step_dsla_ms']:.3f} ms, "
         f"attention over {seq_len} keys {r['sdpa_decode_ms']:.3f} ms | "
         f"DSLA speed-up vs SDPA {r['speedup_vs_sdpa']:.2f}x"

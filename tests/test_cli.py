@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from dsla_serve.model import HybridModel
+from dsla_serve.ops import native
 
 
 def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -61,3 +62,8 @@ def test_bench_kernel_json():
     assert out["shape"]["seq_len"] == 200
     assert out["chunk_dsla_s"] > 0 and out["sdpa_causal_s"] > 0 and out["naive_dsla_s"] > 0
     assert out["speedup_vs_sdpa"] == pytest.approx(out["sdpa_causal_s"] / out["chunk_dsla_s"])
+    if native.available():  # the C++ scan is timed where it is built, and absent from the report otherwise
+        assert out["scan_dsla_s"] > 0
+        assert out["scan_speedup_vs_sdpa"] == pytest.approx(out["sdpa_causal_s"] / out["scan_dsla_s"])
+    else:
+        assert out["scan_dsla_s"] is None

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from dsla_serve.bench.common import time_median
-from dsla_serve.ops import chunk_dsla, naive_dsla, step_dsla
+from dsla_serve.ops import chunk_dsla, naive_dsla, native, step_dsla
 from dsla_serve.runtime import machine_info
 
 NAIVE_MAX_LEN = 2048  # the per-token reference is timed only up to here
@@ -32,6 +32,9 @@ def bench_kernel(
     alpha = torch.zeros(heads, 2)
     beta = torch.zeros(heads) if window else None
     chunk = time_median(lambda: chunk_dsla(q, k, v, g_far, g_close, alpha, window=window, beta=beta), repeats)
+    scan = None
+    if native.available():  # the C++ prefill scan: what the engine runs for CPU inference
+        scan = time_median(lambda: native.scan_dsla(q, k, v, g_far, g_close, alpha, window=window, beta=beta), repeats)
     sdpa = time_median(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), repeats)
     state = (torch.zeros(batch, heads, head_dim, head_dim), torch.zeros(batch, heads, head_dim, head_dim))
     one = [t[:, :, :1] for t in (q, k, v, g_far, g_close)]
@@ -48,11 +51,13 @@ def bench_kernel(
             "window": window,
         },
         "chunk_dsla_s": chunk["median_s"],
+        "scan_dsla_s": scan["median_s"] if scan else None,
         "sdpa_causal_s": sdpa["median_s"],
         "naive_dsla_s": None,
         "step_dsla_ms": 1000 * step["median_s"],
         "sdpa_decode_ms": 1000 * attn_step["median_s"],
         "speedup_vs_sdpa": sdpa["median_s"] / chunk["median_s"],
+        "scan_speedup_vs_sdpa": sdpa["median_s"] / scan["median_s"] if scan else None,
         "repeats": repeats,
         "machine": machine_info(),
     }

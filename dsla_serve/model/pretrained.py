@@ -137,7 +137,7 @@ def load_hybrid(
         quantize_model(base, dtype)
     info = HybridInfo(loaded.name, str(path) if path else None, order, source, distilled, fresh)
     if base.device.type == "cpu":
-        native.load()  # build (first run on this machine: ~40 s) or load the fused decode step now, not mid-request
+        native.load()  # build (first run on this machine: ~40 s) or load the C++ kernels now, not mid-request
     return HybridModel(base), tok, info
 
 
