@@ -126,15 +126,6 @@ def decode_step(
     return o, (extra if extra.numel() else None)
 
 
-def scan_ok(q: Tensor, *tensors: Tensor | None) -> bool:
-    """Whether ``scan_dsla`` can run these inputs: CPU, no autograd through them, kernels built."""
-    if q.device.type != "cpu" or q.shape[-1] % 2:
-        return False
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, *tensors)):
-        return False
-    return available()
-
-
 def scan_dsla(
     q: Tensor, k: Tensor, v: Tensor, g_far: Tensor, g_close: Tensor, alpha: Tensor, *, scale: float | None = None,
     normalize: bool = True, eps: float = 1e-6, initial_state: StatePair | None = None, gain: Tensor | None = None,
@@ -153,12 +144,11 @@ def scan_dsla(
     state = q.new_zeros(2, B, Hkv, K, V, dtype=f) if initial_state is None else torch.stack(initial_state).to(f)
     weights = mixing_weights(alpha, Hq, beta if window else None).to(f).contiguous()
     none = q.new_empty(0, dtype=dtype)
-    W = window
     o, state = load().dsla_scan(
         cast(q), cast(k), cast(v), g_far.to(f), g_close.to(f), state.contiguous(), weights,
-        gain.to(f).contiguous() if gain is not None else none.to(f), cast(q if q_rot is None else q_rot) if W else none,
-        cast(k if k_rot is None else k_rot) if W else none,
-        cast(v if window_values is None else window_values) if W else none, W,
+        gain.to(f).contiguous() if gain is not None else none.to(f), cast(q if q_rot is None else q_rot) if window else none,
+        cast(k if k_rot is None else k_rot) if window else none,
+        cast(v if window_values is None else window_values) if window else none, window,
         K**-0.5 if scale is None else scale, K**-0.5 if window_scale is None else window_scale, normalize, eps,
     )  # fmt: skip
     return o.transpose(1, 2).to(q.dtype), (state[0], state[1])
@@ -167,10 +157,11 @@ def scan_dsla(
 def prefill_dsla(
     q: Tensor, k: Tensor, v: Tensor, g_far: Tensor, g_close: Tensor, alpha: Tensor, **kwargs
 ) -> tuple[Tensor, StatePair]:
-    """``scan_dsla`` where it runs (CPU inference), else ``chunk_dsla`` (training, CUDA, no compiler)."""
-    tensors = [t for t in (k, v, g_far, g_close, alpha, *kwargs.values()) if isinstance(t, Tensor)]
+    """``scan_dsla`` where it runs (CPU inference, K == V), else ``chunk_dsla`` (training, CUDA, no compiler)."""
+    tensors = [q, k, v, g_far, g_close, alpha, *(t for t in kwargs.values() if isinstance(t, Tensor))]
     tensors += list(kwargs.get("initial_state") or ())
-    if scan_ok(q, *tensors):
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    if q.device.type == "cpu" and q.shape[-1] == k.shape[-1] == v.shape[-1] and not grad and available():
         kwargs.pop("chunk_size", None)
         return scan_dsla(q, k, v, g_far, g_close, alpha, **kwargs)
     return chunk_dsla(q, k, v, g_far, g_close, alpha, **kwargs)

@@ -34,7 +34,6 @@
 #include <immintrin.h>
 #endif
 #include <cmath>
-#include <cstring>
 #include <vector>
 
 namespace {
@@ -85,6 +84,39 @@ inline void low_rank_add(const T* A, const T* Bt, const T* x, T* y, int64_t n_in
 #pragma omp simd
     for (int64_t o = 0; o < n_out; ++o) y[o] += b[o] * t;
   }
+}
+
+template <typename T>
+inline T exp_shifted(T* x, int64_t n, T shift) {
+  // x[i] = exp(x[i] - shift) in place; returns their sum. Arguments <= 0 (decays; softmax scores
+  // after their max). float with AVX-512: Cody-Waite reduction, a degree-7 polynomial and scalef,
+  // 16 lanes (< 2 ulp; GCC 12 leaves std::exp and bit-cast versions of this scalar, one call per
+  // element); elsewhere std::exp, so the float64 tests compare exactly.
+  T sum = 0;
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float>) {
+    const __m512 s = _mm512_set1_ps(shift), lo = _mm512_set1_ps(-87.0f);
+    __m512 acc = _mm512_setzero_ps();
+    for (; i < n; i += 16) {
+      const __mmask16 m = n - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - i)) - 1);
+      const __m512 x0 = _mm512_max_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + i), s), lo);
+      const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x0, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
+      __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693145752f), x0);
+      r = _mm512_fnmadd_ps(k, _mm512_set1_ps(1.42860677e-6f), r);
+      __m512 p = _mm512_set1_ps(1.98412698e-4f);
+      for (const float c : {1.38888889e-3f, 8.33333333e-3f, 4.16666667e-2f, 1.66666667e-1f, 0.5f, 1.0f, 1.0f}) {
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+      }
+      p = _mm512_scalef_ps(p, k);
+      _mm512_mask_storeu_ps(x + i, m, p);
+      acc = _mm512_add_ps(acc, _mm512_maskz_mov_ps(m, p));
+    }
+    return _mm512_reduce_add_ps(acc);
+  }
+#endif
+  for (; i < n; ++i) sum += (x[i] = std::exp(x[i] - shift));
+  return sum;
 }
 
 template <typename T>
@@ -296,8 +328,7 @@ std::vector<at::Tensor> step_impl(
             scores[t] = dot_mixed(q_rot.data(), keys + t * D, D) * acc_t(window_scale);
             mx = std::max(mx, scores[t]);
           }
-          acc_t den = 0;
-          for (int64_t t = 0; t < n_valid; ++t) den += (scores[t] = std::exp(scores[t] - mx));
+          const acc_t den = exp_shifted(scores.data(), n_valid, mx);
           std::fill(win.begin(), win.end(), acc_t(0));
           for (int64_t t = 0; t < n_valid; ++t) {
             const acc_t pt = scores[t] / den;
@@ -358,39 +389,6 @@ struct View4 {  // a 4-d tensor whose last axis is contiguous: element (a, b, c,
   explicit View4(const at::Tensor& t) : p(t.data_ptr<T>()), s0(t.stride(0)), s1(t.stride(1)), s2(t.stride(2)) {}
   const T* at(int64_t a, int64_t b, int64_t c) const { return p + a * s0 + b * s1 + c * s2; }
 };
-
-template <typename T>
-inline T exp_shifted(T* x, int64_t n, T shift) {
-  // x[i] = exp(x[i] - shift) in place; returns their sum. Arguments <= 0 (decays; softmax scores
-  // after their max). float with AVX-512: Cody-Waite reduction, a degree-7 polynomial and scalef,
-  // 16 lanes (< 2 ulp; GCC 12 leaves std::exp and bit-cast versions of this scalar, one call per
-  // element); elsewhere std::exp, so the float64 tests compare exactly.
-  T sum = 0;
-  int64_t i = 0;
-#if defined(__AVX512F__)
-  if constexpr (std::is_same_v<T, float>) {
-    const __m512 s = _mm512_set1_ps(shift), lo = _mm512_set1_ps(-87.0f);
-    __m512 acc = _mm512_setzero_ps();
-    for (; i < n; i += 16) {
-      const __mmask16 m = n - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - i)) - 1);
-      const __m512 x0 = _mm512_max_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + i), s), lo);
-      const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x0, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
-      __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693145752f), x0);
-      r = _mm512_fnmadd_ps(k, _mm512_set1_ps(1.42860677e-6f), r);
-      __m512 p = _mm512_set1_ps(1.98412698e-4f);
-      for (const float c : {1.38888889e-3f, 8.33333333e-3f, 4.16666667e-2f, 1.66666667e-1f, 0.5f, 1.0f, 1.0f}) {
-        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
-      }
-      p = _mm512_scalef_ps(p, k);
-      _mm512_mask_storeu_ps(x + i, m, p);
-      acc = _mm512_add_ps(acc, _mm512_maskz_mov_ps(m, p));
-    }
-    return _mm512_reduce_add_ps(acc);
-  }
-#endif
-  for (; i < n; ++i) sum += (x[i] = std::exp(x[i] - shift));
-  return sum;
-}
 
 template <typename acc_t, int64_t D, int64_t G>
 inline void scan_token(acc_t* S, const acc_t* decay, const acc_t* kk, const acc_t* vv, const acc_t* qq, acc_t* out,
