@@ -133,9 +133,14 @@ def order(
     blocks: int = typer.Option(4, min=1, help="Calibration blocks of --seq-len tokens."),
     seq_len: int = typer.Option(1024, min=64),
     steps: int = typer.Option(60, min=0, help="kl: layer-local training steps per layer before measuring."),
+    variant: str = typer.Option("dsla", help="kl: the layer design measured (as distill's options)."),
+    window: int = typer.Option(0, min=0, help="kl: exact softmax window of the measured layers."),
+    adapter_rank: int = typer.Option(0, min=0, help="kl: rank of their low-rank adapters (0: none)."),
+    adapters: str = typer.Option("qkvo", help="kl: which projections get adapters."),
     out: Path = typer.Option(None, help="Write the order JSON here too."),
 ) -> None:
     """Rank layers by sensitivity, least sensitive (converted first) first; prints JSON."""
+    from dsla_serve.config import DSLAConfig
     from dsla_serve.distill.data import load_data
     from dsla_serve.distill.order import attention_entropy, kl_sensitivity, order_from_scores
     from dsla_serve.distill.train import DistillConfig
@@ -150,7 +155,8 @@ def order(
     if metric == "entropy":
         scores = attention_entropy(hybrid, text.train)
     else:
-        cfg = DistillConfig(order=[], steps=steps)
+        design = DSLAConfig(variant=variant, window=window, adapter_rank=adapter_rank, adapters=adapters)
+        cfg = DistillConfig(order=[], steps=steps, dsla=design)
         scores = kl_sensitivity(
             hybrid, text.train, text.val, cfg,
             lambda i, n, s: err.print(f"layer {i + 1}/{n}: KL {s:.4f}"),
@@ -162,6 +168,7 @@ def order(
         "direction": "lowest score first",
         "data": text.describe(),
         "steps": steps if metric == "kl" else None,
+        "dsla": cfg.dsla.to_dict() if metric == "kl" else None,
         "seconds": time.perf_counter() - start,
         "command": "dsla-serve " + shlex.join(sys.argv[1:]),
     }

@@ -136,6 +136,11 @@ def teacher_streams(hybrid: HybridModel, blocks: Tensor, cfg: DistillConfig) -> 
 
 
 def cosine_lr(step: int, steps: int, warmup: int = 10) -> float:
+    """Linear warm-up over at most a tenth of the stage, then cosine to a tenth of the peak.
+
+    NOTE(decisions): a fixed 10-step warm-up left 10-step end-to-end stages entirely in warm-up (the
+    shipped chain's first design: its e2e stage never reached the peak rate)."""
+    warmup = max(1, min(warmup, steps // 10))
     if step < warmup:
         return (step + 1) / warmup
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(steps - warmup, 1)))

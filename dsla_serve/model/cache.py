@@ -33,9 +33,8 @@ class KVLayer:
         self.values = torch.empty_like(self.keys)
         self.length = 0
 
-    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Append k/v (Hkv, T, D); return views of all cached keys and values (Hkv, length, D)."""
-        T = k.shape[1]
+    def reserve(self, T: int) -> int:
+        """Room for T more tokens (the buffers double when full); returns the current length."""
         need = self.length + T
         if need > self.keys.shape[1]:
             cap = max(need, 2 * self.keys.shape[1])
@@ -44,6 +43,11 @@ class KVLayer:
                 new = old.new_empty(old.shape[0], cap, old.shape[2])
                 new[:, : self.length] = old[:, : self.length]
                 setattr(self, name, new)
+        return self.length
+
+    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Append k/v (Hkv, T, D); return views of all cached keys and values (Hkv, length, D)."""
+        need = self.reserve(k.shape[1]) + k.shape[1]
         self.keys[:, self.length : need] = k
         self.values[:, self.length : need] = v
         self.length = need

@@ -10,9 +10,11 @@ The forward reuses the base model's modules (embedding, norms, MLPs, rotary embe
 and owns only the per-layer token mixing, so its logits equal the Hugging Face forward's (tested).
 
 Hot path (decode): q/k/v come from one fused projection per layer; the plan groups of a step are
-computed once for all layers; a DSLA layer steps the whole group's pooled states in place; attention
-decode views each KV group's G query heads as G query rows (one SDPA per sequence without the
-grouped-query expansion, measured 7x faster at 8192 cached keys than ``enable_gqa``).
+computed once for all layers; on the CPU each layer is one C++ call per group: a DSLA layer steps the
+group's pooled states in place, an attention layer rotates, appends to every sequence's KV cache and
+attends for the whole group (``native.attention_decode``). Without the C++ kernels attention decode
+views each KV group's G query heads as G query rows (one SDPA per sequence without the grouped-query
+expansion, measured 7x faster at 8192 cached keys than ``enable_gqa``).
 """
 
 from __future__ import annotations
@@ -264,7 +266,10 @@ class HybridModel(nn.Module):
         v = qkv[..., (Hq + Hkv) * D :].view(B, T, Hkv, D).transpose(1, 2)
         attn_rows, dsla_rows = group
         fused_step = bool(dsla_rows) and cache is not None and T == 1 and self.fused_step_ok(qkv)
+        fused_attn = bool(attn_rows) and cache is not None and T == 1 and self.fused_step_ok(qkv)
         if not dsla_rows:
+            if fused_attn:
+                return attn.o_proj(self.fused_attention(i, qkv, cos, sin, cache, attn_rows))
             return attn.o_proj(self.attend(i, q, k, v, cos, sin, cache, attn_rows))
         if not attn_rows:
             if fused_step:
@@ -276,6 +281,10 @@ class HybridModel(nn.Module):
             if is_dsla and fused_step:
                 sub = [t.index_select(0, idx) for t in (qkv, h, cos, sin)]
                 out[idx] = self.fused_step(i, *sub, cache, rows, lengths)
+                continue
+            if not is_dsla and fused_attn:
+                sub = [t.index_select(0, idx) for t in (qkv, cos, sin)]
+                out[idx] = attn.o_proj(self.fused_attention(i, *sub, cache, rows))
                 continue
             parts = [t.index_select(0, idx) for t in (q, k, v, cos, sin)]
             if is_dsla:
@@ -310,6 +319,20 @@ class HybridModel(nn.Module):
                 outs.append(o)
         o = torch.cat(outs) if len(outs) > 1 else outs[0]
         return o.transpose(1, 2).reshape(B, T, -1)
+
+    def fused_attention(self, i: int, qkv: Tensor, cos: Tensor, sin: Tensor, cache: HybridCache, rows) -> Tensor:
+        """Attention decode of the rows (B, 1, Hq·D) from their fused q/k/v (B, 1, (Hq + 2·Hkv)·D): one
+        C++ call rotates, appends to every row's KV cache in place and attends."""
+        layers = [cache[row].layers[i] for row in rows]
+        assert all(isinstance(layer, KVLayer) for layer in layers)
+        lengths = [layer.reserve(1) for layer in layers]
+        o = native.attention_decode(
+            qkv[:, 0], cos[:, 0], sin[:, 0], [layer.keys for layer in layers], [layer.values for layer in layers],
+            lengths, (self.num_heads, self.num_kv_heads, self.head_dim),
+        )  # fmt: skip
+        for layer in layers:
+            layer.length += 1
+        return o[:, None]
 
     def attend_dsla(self, i, q, k, v, cos, sin, cache: HybridCache | None, rows, lengths, h: Tensor) -> Tensor:
         dsla = self.dsla(i)

@@ -5,6 +5,9 @@ over ``step_dsla``) issues about 120 more small tensor ops per layer than attent
 layer decoded slower than the attention it replaced at every context measured. The fused step does
 the layer's token mixing after the q/k/v projection in one call, in place on the state pool.
 
+Attention decode (``attention_decode``). The same overhead on the attention side: RoPE, the KV
+append and one SDPA per sequence were ~20 ops per layer; one call does them for the whole batch.
+
 Prefill scan (``scan_dsla``, same contract as ``chunk_dsla``). The chunked form's ~30 float32 ops
 per chunk lost to bfloat16 flash attention up to 8k tokens; the recurrence over D x D states kept in
 L1 does a DSLA layer's prefill in one call and no intermediate tensors but the reads. Inference only:
@@ -124,6 +127,18 @@ def decode_step(
         normalize, rope, D**-0.5, D**-0.5,
     )  # fmt: skip
     return o, (extra if extra.numel() else None)
+
+
+def attention_decode(
+    qkv: Tensor, cos: Tensor, sin: Tensor, keys: list[Tensor], values: list[Tensor], lengths: list[int],
+    heads: tuple[int, int, int],
+) -> Tensor:  # fmt: skip
+    """One attention decode token for B sequences: qkv (B, (Hq + 2·Hkv)·D) un-rotated, cos/sin (B, D).
+    Each row's rotated key and value are written at ``lengths[b]`` of its (Hkv, capacity, D) buffers
+    (in place; the caller makes room and advances the length); returns the output (B, Hq·D) before
+    o_proj, softmax over the row's lengths[b] + 1 keys."""
+    Hq, Hkv, D = heads
+    return load().attention_decode(qkv, cos, sin, keys, values, lengths, Hq, Hkv, D, D**-0.5)
 
 
 def scan_dsla(

@@ -1,5 +1,6 @@
-"""The fused C++ decode step against the Python step (itself tested against the float64 reference):
-same logits, same pooled states and windows, for every layer option, in float64 and bfloat16."""
+"""The fused C++ decode steps against the Python paths (themselves tested against the float64
+reference): the DSLA step — same logits, pooled states and windows for every layer option — and the
+attention decode — same logits and KV caches — in float64 and bfloat16."""
 
 from __future__ import annotations
 
@@ -40,6 +41,19 @@ def decode(hybrid: HybridModel, caches: list, tokens: torch.Tensor, fused: bool,
     return torch.cat(logits, 1), states, windows
 
 
+def prefilled(hybrid: HybridModel, caches: list, lengths) -> list:
+    for c, n in zip(caches, lengths, strict=True):
+        hybrid(torch.randint(0, 99, (1, n)), cache=HybridCache([c]))
+    return caches
+
+
+def count_calls(monkeypatch, name: str) -> list:
+    """Calls of ``native.<name>`` from now on (one entry each), the kernel still running."""
+    calls, real = [], getattr(native, name)
+    monkeypatch.setattr(native, name, lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
 CONFIGS = {
     "paper-w0": DSLAConfig(window=0, output_gate=False),
     "window-adapters-gate": DSLAConfig(window=4, adapter_rank=2, adapters="qkvo"),
@@ -56,15 +70,9 @@ def test_fused_step_equals_python_step_float64(name, monkeypatch):
     window; every step's logits and the final states and windows agree to float64 rounding."""
     hybrid = hybrid_model(CONFIGS[name], torch.float64)
     plans = [range(4), [0, 2], [1, 3]]
-    caches = []
-    for plan, n in zip(plans, (2, 4, 9), strict=True):
-        c = hybrid.new_cache(plan)
-        hybrid(torch.randint(0, 99, (1, n)), cache=HybridCache([c]))
-        caches.append(c)
+    caches = prefilled(hybrid, [hybrid.new_cache(plan) for plan in plans], (2, 4, 9))
     tokens = torch.randint(0, 99, (3, 7))
-    calls = []
-    real = native.decode_step
-    monkeypatch.setattr(native, "decode_step", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls = count_calls(monkeypatch, "decode_step")
     ref, ref_states, ref_windows = decode(hybrid, caches, tokens, fused=False, monkeypatch=monkeypatch)
     assert not calls
     out, states, windows = decode(hybrid, caches, tokens, fused=True, monkeypatch=monkeypatch)
@@ -81,9 +89,7 @@ def test_fused_step_bfloat16_close_to_python_step(monkeypatch):
     """bfloat16 activations and windows, float32 states: the fused step rounds less often than the
     Python step (which rotates and projects gates in bfloat16), so they agree to bfloat16 tolerance."""
     hybrid = hybrid_model(CONFIGS["window-adapters-gate"], torch.bfloat16)
-    caches = [hybrid.new_cache(range(4)) for _ in range(2)]
-    for c, n in zip(caches, (3, 11), strict=True):
-        hybrid(torch.randint(0, 99, (1, n)), cache=HybridCache([c]))
+    caches = prefilled(hybrid, [hybrid.new_cache(range(4)) for _ in range(2)], (3, 11))
     tokens = torch.randint(0, 99, (2, 6))
     ref = decode(hybrid, caches, tokens, fused=False, monkeypatch=monkeypatch)[0].float()
     out = decode(hybrid, caches, tokens, fused=True, monkeypatch=monkeypatch)[0].float()
@@ -102,3 +108,41 @@ def test_grad_mode_uses_the_python_step(monkeypatch):
     logits, _ = hybrid(torch.randint(0, 99, (1, 1)), cache=cache)
     logits.sum().backward()
     assert model.model.layers[2].self_attn.gate_far.weight.grad is not None
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_attention_decode_equals_sdpa(dtype, monkeypatch):
+    """The C++ attention decode (RoPE, KV append in place, softmax over chunks of 256 keys merged)
+    against ATen's SDPA path: rows of 1, 300 and 700 cached tokens (one, two and three chunks) whose
+    KV buffers grow while decoding, every step's logits and the final caches."""
+    hybrid = HybridModel(tiny_llama().to(dtype))
+    lengths = (1, 300, 700)  # capacity = length: the first decode step grows every buffer
+    caches = prefilled(hybrid, [hybrid.new_cache([], capacity=n) for n in lengths], lengths)
+    tokens = torch.randint(0, 99, (3, 5))
+    calls = count_calls(monkeypatch, "attention_decode")
+
+    def run(fused: bool):
+        monkeypatch.setenv("DSLA_SERVE_NATIVE", "1" if fused else "0")
+        cache = HybridCache(copy.deepcopy(caches))
+        logits = [hybrid(tokens[:, t : t + 1], cache=cache, logits_for="last")[0] for t in range(5)]
+        return torch.cat(logits, 1).double(), [layer.view() for s in cache.sequences for layer in s.layers]
+
+    ref, ref_kv = run(fused=False)
+    assert not calls
+    out, kv = run(fused=True)
+    assert len(calls) == 4 * 5
+    tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=0.0, atol=0.03 * ref.abs().max().item())
+    torch.testing.assert_close(out, ref, **tol)
+    cache_tol = tol if dtype == torch.float64 else dict(rtol=0.02, atol=0.02)  # later layers see rounded inputs
+    for (k, v), (rk, rv) in zip(kv, ref_kv, strict=True):
+        assert k.shape == rk.shape == v.shape
+        torch.testing.assert_close(k.double(), rk.double(), **cache_tol)
+        torch.testing.assert_close(v.double(), rv.double(), **cache_tol)
+
+
+def test_attention_decode_refuses_a_full_cache():
+    qkv = torch.zeros(1, (4 + 2 * 2) * 8)
+    keys = torch.zeros(2, 3, 8)
+    with pytest.raises(RuntimeError, match="no room"):
+        native.attention_decode(qkv, torch.ones(1, 8), torch.zeros(1, 8), [keys], [keys.clone()], [3], (4, 2, 8))

@@ -615,6 +615,107 @@ std::vector<at::Tensor> scan_impl(const at::Tensor& q, const at::Tensor& k, cons
   return {o, state};
 }
 
+// ---- Attention decode ----
+//
+// One decode token of an attention layer for a batch of sequences, each with its own preallocated KV
+// cache: rotate q and k, append k and v in place, attend. Done with ATen it is ~20 small ops and one
+// SDPA per sequence per layer, and at batch 1 a 135M model is bound by that overhead. Keys are split
+// into chunks scored in parallel (flash decoding) so that one long sequence still uses every core;
+// the group's G query heads share each key and value load.
+
+constexpr int64_t kAttnChunk = 256;
+
+template <typename scalar_t, typename acc_t>
+at::Tensor attention_impl(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
+                          const std::vector<at::Tensor>& keys, const std::vector<at::Tensor>& values,
+                          const std::vector<int64_t>& lengths, int64_t Hq, int64_t Hkv, int64_t D, double scale) {
+  const int64_t B = qkv.size(0), G = Hq / Hkv, row = qkv.size(1);
+  const scalar_t* qkv_p = qkv.data_ptr<scalar_t>();
+  const scalar_t *c_p = cos.data_ptr<scalar_t>(), *s_p = sin.data_ptr<scalar_t>();
+  // Append the new key (rotated) and value of every (row, KV head).
+  for (int64_t b = 0; b < B; ++b) {
+    std::vector<acc_t> a(D), rot(D), cc(D), ss(D);
+    for (int64_t i = 0; i < D; ++i) cc[i] = c_p[b * D + i], ss[i] = s_p[b * D + i];
+    for (int64_t h = 0; h < Hkv; ++h) {
+      const scalar_t* k_new = qkv_p + b * row + (Hq + h) * D;
+      const scalar_t* v_new = qkv_p + b * row + (Hq + Hkv + h) * D;
+      scalar_t* kd = keys[b].data_ptr<scalar_t>() + h * keys[b].stride(0) + lengths[b] * D;
+      scalar_t* vd = values[b].data_ptr<scalar_t>() + h * values[b].stride(0) + lengths[b] * D;
+      for (int64_t i = 0; i < D; ++i) a[i] = k_new[i];
+      rotate<acc_t>(a.data(), cc.data(), ss.data(), rot.data(), D, acc_t(1));
+      for (int64_t i = 0; i < D; ++i) kd[i] = static_cast<scalar_t>(rot[i]), vd[i] = v_new[i];
+    }
+  }
+  int64_t n_chunks = 1;
+  for (int64_t b = 0; b < B; ++b) n_chunks = std::max(n_chunks, (lengths[b] + kAttnChunk) / kAttnChunk);
+  // Per (row, KV head, chunk) and query of the group: running max, sum of weights, weighted values.
+  const int64_t items = B * Hkv * n_chunks;
+  std::vector<acc_t> part_max(items * G, -INFINITY), part_sum(items * G, 0), part_out(items * G * D, 0);
+  at::parallel_for(0, items, 1, [&](int64_t i0, int64_t i1) {
+    const FlushDenormals ftz;
+    std::vector<acc_t> qg(G * D), a(D), cc(D), ss(D), scores(G * kAttnChunk);
+    for (int64_t it = i0; it < i1; ++it) {
+      const int64_t b = it / (Hkv * n_chunks), h = (it / n_chunks) % Hkv, c = it % n_chunks;
+      const int64_t L = lengths[b] + 1, t0 = c * kAttnChunk, t1 = std::min(L, t0 + kAttnChunk);
+      if (t0 >= t1) continue;
+      for (int64_t i = 0; i < D; ++i) cc[i] = c_p[b * D + i], ss[i] = s_p[b * D + i];
+      for (int64_t g = 0; g < G; ++g) {
+        const scalar_t* q = qkv_p + b * row + (h * G + g) * D;
+        for (int64_t i = 0; i < D; ++i) a[i] = acc_t(q[i]) * acc_t(scale);
+        rotate<acc_t>(a.data(), cc.data(), ss.data(), qg.data() + g * D, D, acc_t(1));
+      }
+      const scalar_t* kp = keys[b].data_ptr<scalar_t>() + h * keys[b].stride(0);
+      const scalar_t* vp = values[b].data_ptr<scalar_t>() + h * values[b].stride(0);
+      const int64_t n = t1 - t0;
+      for (int64_t t = 0; t < n; ++t) {
+        std::copy(kp + (t0 + t) * D, kp + (t0 + t + 1) * D, a.begin());
+        for (int64_t g = 0; g < G; ++g) scores[g * kAttnChunk + t] = dot(qg.data() + g * D, a.data(), D);
+      }
+      for (int64_t g = 0; g < G; ++g) {
+        acc_t* sc = scores.data() + g * kAttnChunk;
+        const acc_t mx = *std::max_element(sc, sc + n);
+        part_max[it * G + g] = mx;
+        part_sum[it * G + g] = exp_shifted(sc, n, mx);
+      }
+      acc_t* out = part_out.data() + it * G * D;
+      for (int64_t t = 0; t < n; ++t) {
+        std::copy(vp + (t0 + t) * D, vp + (t0 + t + 1) * D, a.begin());
+        for (int64_t g = 0; g < G; ++g) {
+          const acc_t w = scores[g * kAttnChunk + t];
+          acc_t* o = out + g * D;
+#pragma omp simd
+          for (int64_t j = 0; j < D; ++j) o[j] += w * a[j];
+        }
+      }
+    }
+  });
+  // Merge the chunks of every (row, query head).
+  at::Tensor o = at::empty({B, Hq * D}, qkv.options());
+  scalar_t* o_p = o.data_ptr<scalar_t>();
+  std::vector<acc_t> acc(D);
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t h = 0; h < Hkv; ++h) {
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t first = (b * Hkv + h) * n_chunks;
+        acc_t mx = -INFINITY, den = 0;
+        for (int64_t c = 0; c < n_chunks; ++c) mx = std::max(mx, part_max[(first + c) * G + g]);
+        std::fill(acc.begin(), acc.end(), acc_t(0));
+        for (int64_t c = 0; c < n_chunks; ++c) {
+          const int64_t it = first + c;
+          if (part_sum[it * G + g] == 0) continue;
+          const acc_t w = std::exp(part_max[it * G + g] - mx);
+          den += w * part_sum[it * G + g];
+          const acc_t* po = part_out.data() + (it * G + g) * D;
+          for (int64_t j = 0; j < D; ++j) acc[j] += w * po[j];
+        }
+        scalar_t* dst = o_p + b * Hq * D + (h * G + g) * D;
+        for (int64_t j = 0; j < D; ++j) dst[j] = static_cast<scalar_t>(acc[j] / den);
+      }
+    }
+  }
+  return o;
+}
+
 }  // namespace
 
 std::vector<at::Tensor> dsla_decode_step(
@@ -691,7 +792,35 @@ std::vector<at::Tensor> dsla_scan(at::Tensor q, at::Tensor k, at::Tensor v, at::
   return out;
 }
 
+at::Tensor attention_decode(at::Tensor qkv, at::Tensor cos, at::Tensor sin, std::vector<at::Tensor> keys,
+                            std::vector<at::Tensor> values, std::vector<int64_t> lengths, int64_t Hq, int64_t Hkv,
+                            int64_t D, double scale) {
+  TORCH_CHECK(qkv.device().is_cpu() && qkv.dim() == 2 && qkv.size(1) == (Hq + 2 * Hkv) * D,
+              "qkv must be (B, (Hq + 2 Hkv) D) on the CPU");
+  const int64_t B = qkv.size(0);
+  TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, "query heads must be a multiple of KV heads");
+  TORCH_CHECK(int64_t(keys.size()) == B && int64_t(values.size()) == B && int64_t(lengths.size()) == B,
+              "one KV cache and length per row");
+  TORCH_CHECK(cos.sizes() == sin.sizes() && cos.size(0) == B && cos.size(-1) == D, "cos/sin must be (B, D)");
+  for (int64_t b = 0; b < B; ++b) {
+    for (const at::Tensor* t : {&keys[b], &values[b]}) {
+      TORCH_CHECK(t->dim() == 3 && t->size(0) == Hkv && t->size(2) == D && t->stride(2) == 1 && t->stride(1) == D,
+                  "KV caches must be (Hkv, capacity, D) with contiguous rows");
+      TORCH_CHECK(t->scalar_type() == qkv.scalar_type(), "KV caches must have qkv's dtype");
+      TORCH_CHECK(lengths[b] >= 0 && lengths[b] < t->size(1), "a KV cache has no room for the new token");
+    }
+  }
+  at::Tensor out;
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, qkv.scalar_type(), "attention_decode", [&] {
+    using acc = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    out = attention_impl<scalar_t, acc>(qkv.contiguous(), cos.contiguous(), sin.contiguous(), keys, values, lengths,
+                                        Hq, Hkv, D, scale);
+  });
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dsla_decode_step", &dsla_decode_step, "one fused DSLA decode step over pooled slots (in place)");
+  m.def("attention_decode", &attention_decode, "one attention decode token for a batch (KV appended in place)");
   m.def("dsla_scan", &dsla_scan, "DSLA prefill: the recurrent scan of both states and the window (state in place)");
 }
