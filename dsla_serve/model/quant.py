@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dsla_serve.ops import native
 from dsla_serve.ops.recurrent import as_dtype
 
 GROUP = 32
@@ -45,6 +46,22 @@ def quantize_int4(weight: Tensor, group: int = GROUP) -> tuple[Tensor, Tensor, T
     return codes.view(out_f, in_f).to(torch.int32), scale_b, zero_b
 
 
+def pack_int4_vnni(codes: Tensor, scale: Tensor, zero: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``quantize_int4``'s codes, scale and zero in the layout of the C++ VNNI GEMV (csrc/dsla.cpp):
+    codes (out/16, in/32, 4, 64) uint8, two per byte (16 rows x 4 inputs per 64 bytes); scale
+    (out/16, in/32, 16) bf16 and offset = zero - 8 scale float32, so that w = code * scale + offset."""
+    out_f, in_f = codes.shape
+    c = codes.to(torch.uint8).view(out_f // 16, 16, in_f // GROUP, 4, 2, 4)  # (rb, r, g, pair, half, k)
+    c = c.permute(0, 2, 3, 1, 5, 4)  # (rb, g, pair, r, k, half)
+    packed = (c[..., 0] | (c[..., 1] << 4)).reshape(out_f // 16, in_f // GROUP, 4, 64).contiguous()
+
+    def by_block(t: Tensor) -> Tensor:  # (out, in/32) -> (out/16, in/32, 16)
+        return t.view(out_f // 16, 16, -1).transpose(1, 2).contiguous()
+
+    offset = zero.float() - 8 * scale.float()
+    return packed, by_block(scale), by_block(offset)
+
+
 def supports(linear: nn.Linear, group: int = GROUP) -> bool:
     """The CPU kernel packs 16 output channels and ``group`` input channels at a time."""
     out_f, in_f = linear.weight.shape
@@ -61,8 +78,13 @@ class Int4Linear(nn.Module):
             raise ValueError(f"int4 needs in_features % {group} == 0 and out_features % 16 == 0, got {in_f}, {out_f}")
         self.in_features, self.out_features, self.group = in_f, out_f, group
         codes, scale, zero = quantize_int4(linear.weight, group)
-        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1))
-        self.register_buffer("scales_zeros", torch.stack([scale, zero], -1).transpose(0, 1).contiguous())
+        self.vnni = group == GROUP and native.has_int4_gemv()
+        if self.vnni:
+            for name, t in zip(("packed", "scale", "offset"), pack_int4_vnni(codes, scale, zero), strict=True):
+                self.register_buffer(name, t)
+        else:
+            self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1))
+            self.register_buffer("scales_zeros", torch.stack([scale, zero], -1).transpose(0, 1).contiguous())
         deq = (codes.view(out_f, -1, group).float() - 8) * scale.float()[..., None] + zero.float()[..., None]
         self.register_buffer("weight_bf16", deq.view(out_f, in_f).to(torch.bfloat16))
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().to(torch.bfloat16))
@@ -75,7 +97,10 @@ class Int4Linear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         rows = as_dtype(x.reshape(-1, self.in_features), torch.bfloat16)
         if rows.shape[0] <= INT4_MAX_ROWS:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.packed, self.group, self.scales_zeros)
+            if self.vnni:
+                y = native.int4_gemv(rows, self.packed, self.scale, self.offset)
+            else:
+                y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.packed, self.group, self.scales_zeros)
             if self.bias is not None:
                 y = y + self.bias
         else:

@@ -8,6 +8,10 @@ the layer's token mixing after the q/k/v projection in one call, in place on the
 Attention decode (``attention_decode``). The same overhead on the attention side: RoPE, the KV
 append and one SDPA per sequence were ~20 ops per layer; one call does them for the whole batch.
 
+int4 GEMV (``int4_gemv``). ATen's CPU int4 kernel de-quantises every weight to float and measured
+compute-bound; this one quantises the few activation rows to int8 per group of 32 and multiplies
+integers with AVX512-VNNI.
+
 Prefill scan (``scan_dsla``, same contract as ``chunk_dsla``). The chunked form's ~30 float32 ops
 per chunk lost to bfloat16 flash attention up to 8k tokens; the recurrence over D x D states kept in
 L1 does a DSLA layer's prefill in one call and no intermediate tensors but the reads. Inference only:
@@ -139,6 +143,16 @@ def attention_decode(
     o_proj, softmax over the row's lengths[b] + 1 keys."""
     Hq, Hkv, D = heads
     return load().attention_decode(qkv, cos, sin, keys, values, lengths, Hq, Hkv, D, D**-0.5)
+
+
+def has_int4_gemv() -> bool:
+    """Whether the kernels are built with the AVX512-VNNI int4 GEMV (the CPU has the instructions)."""
+    return available() and load().has_int4_gemv()
+
+
+def int4_gemv(x: Tensor, packed: Tensor, scale: Tensor, offset: Tensor) -> Tensor:
+    """x (M, in) times int4 weights packed by ``quant.pack_int4_vnni``: (M, out) in x's dtype."""
+    return load().int4_gemv(x, packed, scale, offset)
 
 
 def scan_dsla(

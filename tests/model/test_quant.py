@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 
 from dsla_serve.model import HybridCache, HybridModel, convert
 from dsla_serve.model.convert import original_attention
 from dsla_serve.model.quant import INT4_MAX_ROWS, Int4Linear, Int8Linear, quantize_int4, quantize_model
+from dsla_serve.ops import native
 from tests.conftest import randomize_gates, tiny_llama
 
 PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -44,6 +46,34 @@ def test_int4_and_bf16_paths_agree():
     assert small.dtype == x.dtype == large.dtype
     torch.testing.assert_close(small, ref[:INT4_MAX_ROWS], atol=0.05, rtol=0.02)
     torch.testing.assert_close(large, ref, atol=0.05, rtol=0.02)
+
+
+@pytest.mark.skipif(not native.has_int4_gemv(), reason="the CPU has no AVX512-VNNI: ATen's int4 kernel runs")
+@pytest.mark.parametrize("rows", [1, 3, INT4_MAX_ROWS])
+def test_vnni_int4_gemv_equals_its_float64_emulation(rows):
+    """The VNNI kernel computes exactly: activations quantised to int8 per group of 32 (scale
+    max|x| / 127), integer dot products with the 4-bit codes, then the group's scale and offset —
+    emulated here in float64 from the unpacked codes; float32 accumulation is the only difference."""
+    out_f, in_f = 48, 96
+    lin = torch.nn.Linear(in_f, out_f, bias=False)
+    q = Int4Linear(lin)
+    assert q.vnni
+    codes, scale, zero = quantize_int4(lin.weight)
+    x = torch.randn(rows, in_f).to(torch.bfloat16).float()
+    xg = x.view(rows, -1, 32)
+    dx = xg.abs().amax(-1, keepdim=True) / 127  # float32, as the kernel: bf16 inputs hit exact ties
+    xq = torch.round(xg * (1 / dx)).double()  # half to even, as lrintf
+    dx, xg = dx.double(), xg.double()
+    dots = torch.einsum("mgi,ogi->mog", xq, codes.double().view(out_f, -1, 32))  # (rows, out, groups)
+    s, c = scale.double(), zero.double() - 8 * scale.double()
+    ref = (dots * s * dx.squeeze(-1)[:, None]).sum(-1) + (c[None] * xg.sum(-1)[:, None]).sum(-1)
+    y32 = native.int4_gemv(x, q.packed, q.scale, q.offset)  # float32 out (the layer rounds to bf16)
+    torch.testing.assert_close(y32.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    # and the layer's output (bf16) stays close to the de-quantised weights' product
+    y = q(x)
+    assert y.dtype == x.dtype
+    exact = x.double() @ q.weight_bf16.double().T
+    assert (y.double() - exact).abs().max() <= 0.02 * exact.abs().max()
 
 
 def test_quantised_hybrid_shares_projections_and_decodes_consistently():

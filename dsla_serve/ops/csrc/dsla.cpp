@@ -716,6 +716,92 @@ at::Tensor attention_impl(const at::Tensor& qkv, const at::Tensor& cos, const at
   return o;
 }
 
+// ---- int4 weight-only GEMV ----
+//
+// Decode multiplies a few rows of activations by every int4 weight matrix. ATen's CPU int4 kernel
+// de-quantises each weight to float before its FMA, and measured compute-bound here (slower than its
+// own int8 kernel, which reads twice the bytes). This one multiplies integers: the activations are
+// quantised to int8 per group of 32 inputs (as llama.cpp does), and AVX512-VNNI's dpbusd takes 64
+// unsigned 4-bit codes times 64 int8 activations per instruction. Weights are packed for it: 16
+// output rows per vector, one int32 lane per row, four consecutive inputs per lane.
+//
+// Layout (see dsla_serve/model/quant.py, pack_int4_vnni):
+//   packed  (out/16, in/32, 4, 64) uint8   block (rows rb*16.., group g, pair p): byte r*4+k holds the
+//           code of row r, input g*32 + 8p + k in its low nibble and input g*32 + 8p + 4 + k in its high
+//   scale   (out/16, in/32, 16) bfloat16   per row and group: w = code * scale + offset
+//   offset  (out/16, in/32, 16) float32
+// y[o] = sum_g scale[o,g] dx[g] sum_i code[o,i] xq[i] + offset[o,g] sum_i x[i], with x[i] ~ dx[g] xq[i].
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+constexpr bool kInt4Gemv = true;
+
+template <typename scalar_t>
+at::Tensor int4_gemv_impl(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
+                          const at::Tensor& offset) {
+  const int64_t M = x.size(0), in = x.size(1), n_groups = in / 32, n_blocks = packed.size(0);
+  const scalar_t* x_p = x.data_ptr<scalar_t>();
+  // Activations per row and group: int8 codes, their scale and the exact sum (for the offsets).
+  std::vector<int8_t> xq(M * in);
+  std::vector<float> dx(M * n_groups), xsum(M * n_groups);
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t g = 0; g < n_groups; ++g) {
+      const scalar_t* xg = x_p + m * in + g * 32;
+      float amax = 0, sum = 0;
+      for (int64_t i = 0; i < 32; ++i) {
+        const float v = static_cast<float>(xg[i]);
+        amax = std::max(amax, std::abs(v));
+        sum += v;
+      }
+      const float d = amax / 127.0f, inv = d > 0 ? 1.0f / d : 0.0f;
+      for (int64_t i = 0; i < 32; ++i) xq[m * in + g * 32 + i] = int8_t(std::lrintf(static_cast<float>(xg[i]) * inv));
+      dx[m * n_groups + g] = d;
+      xsum[m * n_groups + g] = sum;
+    }
+  }
+  at::Tensor y = at::empty({M, n_blocks * 16}, x.options());
+  scalar_t* y_p = y.data_ptr<scalar_t>();
+  const uint8_t* w_p = packed.data_ptr<uint8_t>();
+  const uint16_t* s_p = reinterpret_cast<const uint16_t*>(scale.data_ptr<at::BFloat16>());
+  const float* c_p = offset.data_ptr<float>();
+  at::parallel_for(0, n_blocks, 4, [&](int64_t b0, int64_t b1) {
+    std::vector<__m512> acc(M);
+    const __m512i nibble = _mm512_set1_epi8(0x0F);
+    for (int64_t rb = b0; rb < b1; ++rb) {
+      for (int64_t m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
+      for (int64_t g = 0; g < n_groups; ++g) {
+        const uint8_t* wg = w_p + (rb * n_groups + g) * 256;
+        __m512i codes[8];
+        for (int64_t p = 0; p < 4; ++p) {
+          const __m512i v = _mm512_loadu_si512(wg + p * 64);
+          codes[2 * p] = _mm512_and_si512(v, nibble);
+          codes[2 * p + 1] = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
+        }
+        const int64_t sg = (rb * n_groups + g) * 16;
+        const __m512 ws = _mm512_castsi512_ps(
+            _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s_p + sg))), 16));
+        const __m512 wc = _mm512_loadu_ps(c_p + sg);
+        for (int64_t m = 0; m < M; ++m) {
+          const int32_t* xg = reinterpret_cast<const int32_t*>(xq.data() + m * in + g * 32);
+          __m512i dot = _mm512_setzero_si512();
+          for (int64_t q = 0; q < 8; ++q) dot = _mm512_dpbusd_epi32(dot, codes[q], _mm512_set1_epi32(xg[q]));
+          const __m512 d = _mm512_mul_ps(ws, _mm512_set1_ps(dx[m * n_groups + g]));
+          acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), d, acc[m]);
+          acc[m] = _mm512_fmadd_ps(wc, _mm512_set1_ps(xsum[m * n_groups + g]), acc[m]);
+        }
+      }
+      for (int64_t m = 0; m < M; ++m) {
+        alignas(64) float out[16];
+        _mm512_store_ps(out, acc[m]);
+        for (int64_t r = 0; r < 16; ++r) y_p[m * n_blocks * 16 + rb * 16 + r] = static_cast<scalar_t>(out[r]);
+      }
+    }
+  });
+  return y;
+}
+#else
+constexpr bool kInt4Gemv = false;
+#endif
+
 }  // namespace
 
 std::vector<at::Tensor> dsla_decode_step(
@@ -819,8 +905,33 @@ at::Tensor attention_decode(at::Tensor qkv, at::Tensor cos, at::Tensor sin, std:
   return out;
 }
 
+bool has_int4_gemv() { return kInt4Gemv; }
+
+at::Tensor int4_gemv(at::Tensor x, at::Tensor packed, at::Tensor scale, at::Tensor offset) {
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.size(1) % 32 == 0, "x must be (M, in) on the CPU, in % 32 == 0");
+  const int64_t n_blocks = packed.size(0), n_groups = x.size(1) / 32;
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 4 && packed.size(1) == n_groups &&
+                  packed.size(2) == 4 && packed.size(3) == 64 && packed.is_contiguous(),
+              "packed must be contiguous uint8 (out/16, in/32, 4, 64)");
+  TORCH_CHECK(scale.scalar_type() == at::kBFloat16 && scale.is_contiguous() && scale.numel() == n_blocks * n_groups * 16,
+              "scale must be contiguous bfloat16 (out/16, in/32, 16)");
+  TORCH_CHECK(offset.scalar_type() == at::kFloat && offset.is_contiguous() && offset.numel() == n_blocks * n_groups * 16,
+              "offset must be contiguous float32 (out/16, in/32, 16)");
+  at::Tensor y;
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "int4_gemv", [&] {
+    y = int4_gemv_impl<scalar_t>(x.contiguous(), packed, scale, offset);
+  });
+  return y;
+#else
+  TORCH_CHECK(false, "int4_gemv needs AVX512-VNNI (this build has none)");
+#endif
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dsla_decode_step", &dsla_decode_step, "one fused DSLA decode step over pooled slots (in place)");
   m.def("attention_decode", &attention_decode, "one attention decode token for a batch (KV appended in place)");
+  m.def("has_int4_gemv", &has_int4_gemv, "whether this build has the AVX512-VNNI int4 GEMV");
+  m.def("int4_gemv", &int4_gemv, "y = x W^T for a few rows x and int4 weights packed for VNNI");
   m.def("dsla_scan", &dsla_scan, "DSLA prefill: the recurrent scan of both states and the window (state in place)");
 }
