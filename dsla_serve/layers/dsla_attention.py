@@ -324,8 +324,8 @@ class DSLAAttention(nn.Module):
         k, v = self.adapt("k", k), self.adapt("v", values[:, :, :n])
         g_far, g_close = self.gates(k, v)
         k_state = rotate(k, cos[:, :n], sin[:, :n]) if self.config.rope else k
-        _, state = prefill_dsla(  # the read-out is discarded: a zero query, any mixing
-            keys.new_zeros(B, self.num_heads, n, D), k_state, v, g_far, g_close, keys.new_zeros(2),
+        _, state = prefill_dsla(  # no query heads: the final states alone
+            keys.new_zeros(B, 0, n, D), k_state, v, g_far, g_close, keys.new_zeros(2),
             normalize=self.config.normalize, chunk_size=self.config.chunk_size,
         )  # fmt: skip
         return state, window

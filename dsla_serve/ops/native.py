@@ -186,11 +186,18 @@ def scan_dsla(
 def prefill_dsla(
     q: Tensor, k: Tensor, v: Tensor, g_far: Tensor, g_close: Tensor, alpha: Tensor, **kwargs
 ) -> tuple[Tensor, StatePair]:
-    """``scan_dsla`` where it runs (CPU inference, K == V), else ``chunk_dsla`` (training, CUDA, no compiler)."""
+    """``scan_dsla`` where it runs (CPU inference, K == V), else ``chunk_dsla`` (training, CUDA, no compiler).
+
+    q with zero heads asks for the final states alone (folding a KV cache): the scan then only
+    updates them; the chunked form, which needs queries, reads with zero ones and drops the read-out."""
     tensors = [q, k, v, g_far, g_close, alpha, *(t for t in kwargs.values() if isinstance(t, Tensor))]
     tensors += list(kwargs.get("initial_state") or ())
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     if q.device.type == "cpu" and q.shape[-1] == k.shape[-1] == v.shape[-1] and not grad and available():
         kwargs.pop("chunk_size", None)
         return scan_dsla(q, k, v, g_far, g_close, alpha, **kwargs)
+    if q.shape[1] == 0:
+        B, _, T, K = q.shape
+        o, state = chunk_dsla(q.new_zeros(B, k.shape[1], T, K), k, v, g_far, g_close, alpha, **kwargs)
+        return o[:, :0], state
     return chunk_dsla(q, k, v, g_far, g_close, alpha, **kwargs)

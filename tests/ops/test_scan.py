@@ -158,3 +158,18 @@ def test_model_prefill_scan_equals_chunked_form(name, monkeypatch):
     for layer, (k, v) in zip(layers, ref_windows, strict=True):
         torch.testing.assert_close(layer.keys, k)
         torch.testing.assert_close(layer.values, v)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["scan", "chunked"])
+def test_states_only_prefill_equals_the_full_one(fused, monkeypatch):
+    """Folding a KV cache asks for the final states alone (q with zero heads): both paths return
+    the states a full prefill builds, and an empty read-out."""
+    monkeypatch.setenv("DSLA_SERVE_NATIVE", "1" if fused else "0")
+    args, kw = inputs(2, 6, 2, 29, 0, 0, 64)
+    _, s_full = native.prefill_dsla(*args, **kw)
+    q, *rest, _ = args
+    kw.pop("gain")  # the read-out's mixing and gain play no part in the states
+    o, s_only = native.prefill_dsla(q[:, :0], *rest, torch.zeros(2, dtype=q.dtype), **kw)
+    assert o.shape == (2, 0, 29, 64)
+    for a, b in zip(s_only, s_full, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
