@@ -35,16 +35,8 @@ from torch import Tensor, nn
 from dsla_serve.config import DSLAConfig
 from dsla_serve.ops import GATE_MIN, StatePair, step_dsla
 from dsla_serve.ops.chunk import compute_dtype
-from dsla_serve.ops.naive import mixing_weights
+from dsla_serve.ops.naive import mixing_weights, rotate
 from dsla_serve.ops.native import StepParams, prefill_dsla
-
-
-def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotary embedding as Llama applies it: x (B, H, T, D), cos/sin (B, T, D). Use -sin to undo it."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    half = x.shape[-1] // 2
-    rotated_half = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated_half * sin
 
 
 class LowRank(nn.Module):
@@ -188,7 +180,8 @@ class DSLAAttention(nn.Module):
         """
         B, _, T, _ = q.shape
         W = self.config.window
-        q_rot, k_rot = rotate(q, cos, sin), rotate(k, cos, sin)
+        tail = min(W, T)  # the new tokens that stay in the window: their rotated keys are cached
+        k_rot = rotate(k[:, :, T - tail :], cos[:, T - tail :], sin[:, T - tail :])
         v_win = v
         if prefix is not None and prefix[0].shape[2]:
             pk_rot, pv, pcos, psin = prefix
@@ -201,15 +194,16 @@ class DSLAAttention(nn.Module):
         q_state, k_state = (
             (rotate(q_s, cos[:, -T:], sin[:, -T:]), rotate(k_s, cos, sin)) if self.config.rope else (q_s, k_s)
         )
+        # the output gate's pre-activation (B, Hq, T, D), from the un-rotated query of each token
+        gate = (self.out_gate(q), self.out_gate_bias) if self.config.output_gate else None
         o, state = prefill_dsla(
             q_state, k_state, v_s, g_far, g_close, self.alpha, normalize=self.config.normalize, eps=self.config.eps,
-            initial_state=state, gain=self.gain, window=W, q_rot=q_rot, k_rot=k_rot, beta=self.window_logit(),
-            window_values=v_win, chunk_size=self.config.chunk_size,
+            initial_state=state, gain=self.gain, window=W, rotary=(q, k, cos, sin), beta=self.window_logit(),
+            window_values=v_win, out_gate=gate, chunk_size=self.config.chunk_size,
         )  # fmt: skip
-        if self.config.output_gate:  # (B, Hq, T, D), from the un-rotated query of each token
-            o = o * (2 * torch.sigmoid(self.out_gate(q) + self.out_gate_bias[:, None, :]))
         keep = k_rot.shape[2] - min(W, k_rot.shape[2])
-        return o.transpose(1, 2).reshape(B, T, -1), state, (k_rot[:, :, keep:], v_win[:, :, keep:])
+        n = k_rot.shape[2] - keep
+        return o.transpose(1, 2).reshape(B, T, -1), state, (k_rot[:, :, keep:], v_win[:, :, v_win.shape[2] - n :])
 
     def step(
         self, q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, state: Tensor,

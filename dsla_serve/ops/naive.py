@@ -36,6 +36,14 @@ def rms_normalize(o: Tensor, eps: float) -> Tensor:
     return o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + eps)
 
 
+def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotary embedding as Llama applies it: x (B, H, T, D), cos/sin (B, T, D). Use -sin to undo it."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    half = x.shape[-1] // 2
+    rotated_half = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated_half * sin
+
+
 def mixing_weights(alpha: Tensor, num_q_heads: int, beta: Tensor | None = None) -> Tensor:
     """Read-out weights per query head: (Hq, 2) = softmax(alpha), or (Hq, 3) with the window logit ``beta`` (Hq,)."""
     logits = alpha.float().expand(num_q_heads, 2) if alpha.dim() == 1 else alpha.float()

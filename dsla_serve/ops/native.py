@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from dsla_serve.ops.chunk import chunk_dsla, compute_dtype
-from dsla_serve.ops.naive import StatePair, mixing_weights
+from dsla_serve.ops.naive import StatePair, mixing_weights, rotate
 
 log = logging.getLogger(__name__)
 
@@ -160,9 +160,15 @@ def scan_dsla(
     normalize: bool = True, eps: float = 1e-6, initial_state: StatePair | None = None, gain: Tensor | None = None,
     window: int = 0, q_rot: Tensor | None = None, k_rot: Tensor | None = None, beta: Tensor | None = None,
     window_scale: float | None = None, window_values: Tensor | None = None,
+    rotary: tuple[Tensor, Tensor, Tensor, Tensor] | None = None, out_gate: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, StatePair]:  # fmt: skip
     """``chunk_dsla``'s contract by the C++ recurrent scan (no autograd). o is returned as a
-    (B, Hq, T, V) view of a (B, T, Hq, V) tensor: the layer's ``transpose(1, 2).reshape`` is free."""
+    (B, Hq, T, V) view of a (B, T, Hq, V) tensor: the layer's ``transpose(1, 2).reshape`` is free.
+
+    Two more inputs the layer would otherwise apply with ~15 tensor ops around the call:
+    ``rotary`` = (q, k, cos, sin), the window's un-rotated q (B, Hq, T, D) and k (B, Hkv, L, D) and
+    the rotary tables (B, L, D) of the L key positions, in place of q_rot/k_rot; ``out_gate`` =
+    (pre-activation (B, Hq, T, V), bias (Hq, V)): o is multiplied by 2 sigmoid(pre + bias)."""
     B, Hq, T, K = q.shape
     Hkv, L, V = k.shape[1], k.shape[2], v.shape[-1]
     if not 0 <= L - T <= window:
@@ -173,12 +179,17 @@ def scan_dsla(
     state = q.new_zeros(2, B, Hkv, K, V, dtype=f) if initial_state is None else torch.stack(initial_state).to(f)
     weights = mixing_weights(alpha, Hq, beta if window else None).to(f).contiguous()
     none = q.new_empty(0, dtype=dtype)
+    cos = sin = none
+    if rotary is not None:
+        q_rot, k_rot, cos, sin = (cast(t) for t in rotary)
+    og, og_b = (cast(out_gate[0]), out_gate[1].to(f).contiguous()) if out_gate is not None else (none, none.to(f))
     o, state = load().dsla_scan(
         cast(q), cast(k), cast(v), g_far.to(f), g_close.to(f), state.contiguous(), weights,
         gain.to(f).contiguous() if gain is not None else none.to(f), cast(q if q_rot is None else q_rot) if window else none,
         cast(k if k_rot is None else k_rot) if window else none,
-        cast(v if window_values is None else window_values) if window else none, window,
-        K**-0.5 if scale is None else scale, K**-0.5 if window_scale is None else window_scale, normalize, eps,
+        cast(v if window_values is None else window_values) if window else none, cos if window else none,
+        sin if window else none, og, og_b, window, K**-0.5 if scale is None else scale,
+        K**-0.5 if window_scale is None else window_scale, normalize, eps,
     )  # fmt: skip
     return o.transpose(1, 2).to(q.dtype), (state[0], state[1])
 
@@ -186,18 +197,29 @@ def scan_dsla(
 def prefill_dsla(
     q: Tensor, k: Tensor, v: Tensor, g_far: Tensor, g_close: Tensor, alpha: Tensor, **kwargs
 ) -> tuple[Tensor, StatePair]:
-    """``scan_dsla`` where it runs (CPU inference, K == V), else ``chunk_dsla`` (training, CUDA, no compiler).
+    """``scan_dsla`` where it runs (CPU inference, K == V), else ``chunk_dsla`` (training, CUDA, no compiler),
+    with ``scan_dsla``'s ``rotary`` and ``out_gate`` applied around it.
 
     q with zero heads asks for the final states alone (folding a KV cache): the scan then only
     updates them; the chunked form, which needs queries, reads with zero ones and drops the read-out."""
     tensors = [q, k, v, g_far, g_close, alpha, *(t for t in kwargs.values() if isinstance(t, Tensor))]
-    tensors += list(kwargs.get("initial_state") or ())
+    tensors += [*(kwargs.get("initial_state") or ()), *(kwargs.get("rotary") or ()), *(kwargs.get("out_gate") or ())]
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     if q.device.type == "cpu" and q.shape[-1] == k.shape[-1] == v.shape[-1] and not grad and available():
         kwargs.pop("chunk_size", None)
         return scan_dsla(q, k, v, g_far, g_close, alpha, **kwargs)
+    rotary, out_gate = kwargs.pop("rotary", None), kwargs.pop("out_gate", None)
+    if rotary is not None and kwargs.get("window"):
+        q_win, k_win, cos, sin = rotary
+        kwargs["q_rot"], kwargs["k_rot"] = (
+            rotate(q_win, cos[:, -q.shape[2] :], sin[:, -q.shape[2] :]),
+            rotate(k_win, cos, sin),
+        )
     if q.shape[1] == 0:
         B, _, T, K = q.shape
         o, state = chunk_dsla(q.new_zeros(B, k.shape[1], T, K), k, v, g_far, g_close, alpha, **kwargs)
         return o[:, :0], state
-    return chunk_dsla(q, k, v, g_far, g_close, alpha, **kwargs)
+    o, state = chunk_dsla(q, k, v, g_far, g_close, alpha, **kwargs)
+    if out_gate is not None:
+        o = o * (2 * torch.sigmoid(out_gate[0] + out_gate[1][:, None, :]))
+    return o, state

@@ -93,7 +93,9 @@ def test_fused_step_bfloat16_close_to_python_step(monkeypatch):
     tokens = torch.randint(0, 99, (2, 6))
     ref = decode(hybrid, caches, tokens, fused=False, monkeypatch=monkeypatch)[0].float()
     out = decode(hybrid, caches, tokens, fused=True, monkeypatch=monkeypatch)[0].float()
-    assert (out - ref).abs().max() <= 0.03 * ref.abs().max()
+    # the two paths' bf16 roundings drift apart over six steps of this random tiny model: 1-5 % of the
+    # largest logit across prefill draws (float64 above: equal to 1e-10)
+    assert (out - ref).abs().max() <= 0.06 * ref.abs().max()
 
 
 def test_grad_mode_uses_the_python_step(monkeypatch):

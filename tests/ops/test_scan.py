@@ -173,3 +173,25 @@ def test_states_only_prefill_equals_the_full_one(fused, monkeypatch):
     assert o.shape == (2, 0, 29, 64)
     for a, b in zip(s_only, s_full, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("prefix", [0, 3])
+def test_scan_rotates_the_window_and_gates_the_output(prefix):
+    """``rotary`` and ``out_gate`` inside the kernel == RoPE on the window's q/k and 2 sigmoid(pre + b)
+    on the output applied around the float64 reference."""
+    from dsla_serve.ops.naive import rotate
+
+    B, Hq, Hkv, T, W, D = 2, 6, 2, 41, 5, 64
+    args, kw = inputs(B, Hq, Hkv, T, prefix, W, D)
+    gen = torch.Generator().manual_seed(1)
+    cos, sin = torch.randn(2, B, prefix + T, D, generator=gen, dtype=torch.float64)
+    pre, bias = torch.randn(B, Hq, T, D, generator=gen, dtype=torch.float64), torch.randn(Hq, D, dtype=torch.float64)
+    q_win, k_win = kw.pop("q_rot"), kw.pop("k_rot")
+    o_ref, s_ref = naive_dsla(
+        *args, **kw, q_rot=rotate(q_win, cos[:, prefix:], sin[:, prefix:]), k_rot=rotate(k_win, cos, sin)
+    )
+    o_ref = o_ref * 2 * torch.sigmoid(pre + bias[:, None])
+    o, s = native.scan_dsla(*args, **kw, rotary=(q_win, k_win, cos, sin), out_gate=(pre, bias))
+    torch.testing.assert_close(o, o_ref, rtol=1e-11, atol=1e-11)
+    for a, b in zip(s, s_ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-11)

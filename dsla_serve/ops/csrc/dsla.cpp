@@ -539,8 +539,9 @@ template <typename scalar_t, typename acc_t>
 std::vector<at::Tensor> scan_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& g_far,
                                   const at::Tensor& g_close, at::Tensor state, const at::Tensor& mix,
                                   const at::Tensor& gain, const at::Tensor& q_rot, const at::Tensor& k_rot,
-                                  const at::Tensor& v_win, int64_t W, double scale, double window_scale, bool normalize,
-                                  double eps) {
+                                  const at::Tensor& v_win, const at::Tensor& cos, const at::Tensor& sin,
+                                  const at::Tensor& og, const at::Tensor& og_b, int64_t W, double scale,
+                                  double window_scale, bool normalize, double eps) {
   const int64_t B = q.size(0), Hq = q.size(1), T = q.size(2), D = q.size(3);
   const int64_t Hkv = k.size(1), L = k.size(2), G = Hq / Hkv, P = L - T, n_mix = mix.size(1);
   at::Tensor reads = at::zeros({2, B, Hq, T, D}, state.options());
@@ -560,11 +561,34 @@ std::vector<at::Tensor> scan_impl(const at::Tensor& q, const at::Tensor& k, cons
   // The window's keys transposed, (B, Hkv, D, L + lanes) (zero padding: whole registers of scores
   // are computed past the last key and ignored), and values, (B, Hkv, L, D), in acc_t: a query's
   // scores over its W keys are then vector FMAs along the keys, with no horizontal sums.
+  // With cos/sin given the window's q and k arrive un-rotated and RoPE is applied here.
   constexpr int64_t lanes = 64 / sizeof(acc_t);
   const int64_t Lp = L + lanes;
+  const bool rope = cos.numel() > 0;
+  const scalar_t* cos_p = rope ? cos.data_ptr<scalar_t>() : nullptr;
+  const scalar_t* sin_p = rope ? sin.data_ptr<scalar_t>() : nullptr;
   at::Tensor keys_t, vals;
   if (W) {
-    keys_t = at::constant_pad_nd(k_rot.to(state.scalar_type()).transpose(2, 3), {0, lanes});
+    keys_t = at::zeros({B, Hkv, D, Lp}, state.options());
+    acc_t* kt = keys_t.data_ptr<acc_t>();
+    const View4<scalar_t> kw(k_rot);
+    at::parallel_for(0, B * Hkv, 1, [&](int64_t t0, int64_t t1) {
+      std::vector<acc_t> a(D), c(D), sn(D), r(D);
+      for (int64_t bh = t0; bh < t1; ++bh) {
+        const int64_t b = bh / Hkv, h = bh % Hkv;
+        acc_t* dst = kt + bh * D * Lp;
+        for (int64_t t = 0; t < L; ++t) {
+          const scalar_t* kp = kw.at(b, h, t);
+          for (int64_t d = 0; d < D; ++d) a[d] = kp[d];
+          if (rope) {
+            for (int64_t d = 0; d < D; ++d) c[d] = cos_p[(b * L + t) * D + d], sn[d] = sin_p[(b * L + t) * D + d];
+            rotate<acc_t>(a.data(), c.data(), sn.data(), r.data(), D, acc_t(1));
+            std::swap(a, r);
+          }
+          for (int64_t d = 0; d < D; ++d) dst[d * Lp + t] = a[d];
+        }
+      }
+    });
     vals = v_win.to(state.scalar_type()).contiguous();
   }
   const acc_t* kt_p = W ? keys_t.data_ptr<acc_t>() : nullptr;
@@ -576,9 +600,12 @@ std::vector<at::Tensor> scan_impl(const at::Tensor& q, const at::Tensor& k, cons
   const acc_t* mix_p = mix.data_ptr<acc_t>();
   const acc_t* gain_p = gain.numel() ? gain.data_ptr<acc_t>() : nullptr;
   const View4<scalar_t> qr(W ? q_rot : q);
+  const bool gated = og.numel() > 0;  // output gate: out *= 2 sigmoid(og + og_b)
+  const View4<scalar_t> ogv(gated ? og : q);
+  const acc_t* ogb_p = gated ? og_b.data_ptr<acc_t>() : nullptr;
   at::parallel_for(0, B * T, 16, [&](int64_t t0, int64_t t1) {
     const FlushDenormals ftz;
-    std::vector<acc_t> out(D), qq(D), scores(W + lanes);
+    std::vector<acc_t> out(D), qq(D), qa(D), c(D), sn(D), e(D), scores(W + lanes);
     for (int64_t it = t0; it < t1; ++it) {
       const int64_t b = it / T, i = it % T;
       const bool has_state = P + i - W >= 0;
@@ -592,10 +619,16 @@ std::vector<at::Tensor> scan_impl(const at::Tensor& q, const at::Tensor& k, cons
 #pragma omp simd
           for (int64_t j = 0; j < D; ++j) out[j] += w * rd[j] * (gain_p ? gain_p[hq * D + j] : acc_t(1));
         }
-        if (W) {  // softmax over the n keys c - n + 1 .. c, c = P + i: the query's own among them
-          const int64_t h = hq / G, c = P + i, lo = std::max<int64_t>(0, c - W + 1), n = c - lo + 1;
+        if (W) {  // softmax over the n keys c0 - n + 1 .. c0, c0 = P + i: the query's own among them
+          const int64_t h = hq / G, c0 = P + i, lo = std::max<int64_t>(0, c0 - W + 1), n = c0 - lo + 1;
           const scalar_t* qp = qr.at(b, hq, i);
-          for (int64_t j = 0; j < D; ++j) qq[j] = acc_t(qp[j]) * acc_t(window_scale);
+          for (int64_t j = 0; j < D; ++j) qa[j] = acc_t(qp[j]) * acc_t(window_scale);
+          if (rope) {
+            for (int64_t j = 0; j < D; ++j) c[j] = cos_p[(b * L + c0) * D + j], sn[j] = sin_p[(b * L + c0) * D + j];
+            rotate<acc_t>(qa.data(), c.data(), sn.data(), qq.data(), D, acc_t(1));
+          } else {
+            std::copy(qa.begin(), qa.end(), qq.begin());
+          }
           const acc_t w = has_state ? mix_p[hq * n_mix + 2] : acc_t(1);
           const acc_t* kt = kt_p + (b * Hkv + h) * D * Lp + lo;
           const acc_t* vt = v_p + ((b * Hkv + h) * L + lo) * D;
@@ -606,6 +639,12 @@ std::vector<at::Tensor> scan_impl(const at::Tensor& q, const at::Tensor& k, cons
           } else {
             window_head<acc_t, 0>(qq.data(), kt, Lp, vt, n, w, scores.data(), out.data(), D);
           }
+        }
+        if (gated) {  // 2 sigmoid(x) from exp(-|x|) (arguments <= 0, as exp_shifted takes them)
+          const scalar_t* gp = ogv.at(b, hq, i);
+          for (int64_t j = 0; j < D; ++j) qa[j] = acc_t(gp[j]) + ogb_p[hq * D + j], e[j] = -std::abs(qa[j]);
+          exp_shifted(e.data(), D, acc_t(0));
+          for (int64_t j = 0; j < D; ++j) out[j] *= acc_t(2) * (qa[j] >= 0 ? acc_t(1) : e[j]) / (acc_t(1) + e[j]);
         }
         scalar_t* dst = o_p + ((b * T + i) * Hq + hq) * D;
         for (int64_t j = 0; j < D; ++j) dst[j] = static_cast<scalar_t>(out[j]);
@@ -839,8 +878,8 @@ std::vector<at::Tensor> dsla_decode_step(
 
 std::vector<at::Tensor> dsla_scan(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor g_far, at::Tensor g_close,
                                   at::Tensor state, at::Tensor mix, at::Tensor gain, at::Tensor q_rot, at::Tensor k_rot,
-                                  at::Tensor v_win, int64_t W, double scale, double window_scale, bool normalize,
-                                  double eps) {
+                                  at::Tensor v_win, at::Tensor cos, at::Tensor sin, at::Tensor og, at::Tensor og_b,
+                                  int64_t W, double scale, double window_scale, bool normalize, double eps) {
   TORCH_CHECK(q.device().is_cpu(), "dsla_scan runs on the CPU");
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "q, k, v must be (B, H, T, D)");
   const int64_t B = q.size(0), Hq = q.size(1), T = q.size(2), D = q.size(3), Hkv = k.size(1), L = k.size(2);
@@ -857,6 +896,18 @@ std::vector<at::Tensor> dsla_scan(at::Tensor q, at::Tensor k, at::Tensor v, at::
     TORCH_CHECK(q_rot.sizes() == q.sizes() && k_rot.sizes() == k.sizes() && v_win.sizes() == v.sizes(),
                 "q_rot, k_rot, v_win must match q, k, v");
     q_rot = last_contiguous(q_rot), k_rot = last_contiguous(k_rot), v_win = last_contiguous(v_win);
+    if (cos.numel()) {
+      TORCH_CHECK(cos.dim() == 3 && cos.size(0) == B && cos.size(1) == L && cos.size(2) == D && cos.sizes() == sin.sizes(),
+                  "cos/sin must be (B, L, D): the window's positions");
+      TORCH_CHECK(cos.scalar_type() == q.scalar_type() && sin.scalar_type() == q.scalar_type(), "cos/sin need q's dtype");
+      cos = cos.contiguous(), sin = sin.contiguous();
+    }
+  }
+  if (og.numel()) {
+    TORCH_CHECK(og.sizes() == q.sizes() && og.scalar_type() == q.scalar_type(), "og must be shaped and typed like q");
+    TORCH_CHECK(og_b.numel() == Hq * D && og_b.is_contiguous() && og_b.scalar_type() == state.scalar_type(),
+                "og_b must be contiguous (Hq, D) in the state dtype");
+    og = last_contiguous(og);
   }
   for (const at::Tensor* t : {&k, &v, &q_rot, &k_rot, &v_win}) {
     TORCH_CHECK(t->numel() == 0 || t->scalar_type() == q.scalar_type(), "q, k, v and the window inputs share one dtype");
@@ -872,8 +923,8 @@ std::vector<at::Tensor> dsla_scan(at::Tensor q, at::Tensor k, at::Tensor v, at::
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "dsla_scan", [&] {
     using acc = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     TORCH_CHECK(state.scalar_type() == c10::CppTypeToScalarType<acc>::value, "state must be float32 (float64 model: float64)");
-    out = scan_impl<scalar_t, acc>(q, k, v, g_far, g_close, state, mix, gain, q_rot, k_rot, v_win, W, scale,
-                                   window_scale, normalize, eps);
+    out = scan_impl<scalar_t, acc>(q, k, v, g_far, g_close, state, mix, gain, q_rot, k_rot, v_win, cos, sin, og, og_b,
+                                   W, scale, window_scale, normalize, eps);
   });
   return out;
 }
