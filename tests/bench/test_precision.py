@@ -16,6 +16,8 @@ def test_choice_is_fastest_within_limits():
     rows[-1]["ppl_ratio_to_float32"] = 1.05  # int4 now costs too much, int8 too: bf16 is the fastest left
     assert choose(rows) == "bfloat16"
     assert choose([row("float32", 10, 1.0), row("bfloat16", 11, 1.0)]) == "float32"
+    rows[1]["decode_ppl_ratio_to_float32"] = 1.02  # bf16 within its limit on a full forward, not in decode
+    assert choose(rows) == "float32"
 
 
 def test_run_measures_every_mode(tiny_checkpoint, tmp_path):
@@ -30,4 +32,6 @@ def test_run_measures_every_mode(tiny_checkpoint, tmp_path):
     ref = [r for r in rows if r["dtype"] == "float32"]
     assert all(r["ppl_ratio_to_float32"] == 1.0 for r in ref)
     assert all(abs(r["ppl_ratio_to_float32"] - 1) < 0.1 for r in rows)  # low precision stays close
+    assert all(r["decode_ppl"] > 1 and abs(r["decode_ppl_ratio_to_float32"] - 1) < 0.1 for r in rows)
+    assert all(r["decode_ppl_ratio_to_float32"] == 1.0 for r in ref)
     assert result["choice"] in ("float32", "bfloat16", "int8")
