@@ -204,10 +204,15 @@ def health_server(tmp_path: Path, shell_prefix: str) -> peer.VllmServer:
     (tmp_path / "health").write_text("ok")
     (tmp_path / "child.pid").unlink(missing_ok=True)
     port = free_port()
-    script = (
-        f"{shell_prefix} sleep 300 & echo $! > {tmp_path}/child.pid; "
-        f"exec {sys.executable} -m http.server {port} --bind 127.0.0.1 --directory {tmp_path}"
+    # the graceful server takes Ctrl-C as Python's default does even where the test process inherited
+    # SIGINT ignored (a disposition children keep across exec); the other keeps ignoring it
+    graceful = "" if shell_prefix else "signal.signal(signal.SIGINT, signal.default_int_handler); "
+    serve = (
+        f"import runpy, signal, sys; {graceful}"
+        f"sys.argv = ['http.server', '{port}', '--bind', '127.0.0.1', '--directory', '{tmp_path}']; "
+        "runpy.run_module('http.server', run_name='__main__')"
     )
+    script = f'{shell_prefix} sleep 300 & echo $! > {tmp_path}/child.pid; exec {sys.executable} -c "{serve}"'
     return peer.VllmServer(["sh", "-c", script], {"PATH": "/usr/bin:/bin"}, port, tmp_path / "s.log", {})
 
 
