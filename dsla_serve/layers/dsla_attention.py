@@ -201,9 +201,12 @@ class DSLAAttention(nn.Module):
             initial_state=state, gain=self.gain, window=W, rotary=(q, k, cos, sin), beta=self.window_logit(),
             window_values=v_win, out_gate=gate, chunk_size=self.config.chunk_size,
         )  # fmt: skip
-        keep = k_rot.shape[2] - min(W, k_rot.shape[2])
-        n = k_rot.shape[2] - keep
-        return o.transpose(1, 2).reshape(B, T, -1), state, (k_rot[:, :, keep:], v_win[:, :, v_win.shape[2] - n :])
+        n = min(W, k_rot.shape[2])  # the window now: the last n tokens
+        return (
+            o.transpose(1, 2).reshape(B, T, -1),
+            state,
+            (k_rot[:, :, k_rot.shape[2] - n :], v_win[:, :, v_win.shape[2] - n :]),
+        )
 
     def step(
         self, q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, state: Tensor,

@@ -265,8 +265,8 @@ class HybridModel(nn.Module):
         k = qkv[..., Hq * D : (Hq + Hkv) * D].view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
         v = qkv[..., (Hq + Hkv) * D :].view(B, T, Hkv, D).transpose(1, 2)
         attn_rows, dsla_rows = group
-        fused_step = bool(dsla_rows) and cache is not None and T == 1 and self.fused_step_ok(qkv)
-        fused_attn = bool(attn_rows) and cache is not None and T == 1 and self.fused_step_ok(qkv)
+        native_step = cache is not None and T == 1 and self.fused_step_ok(qkv)  # the C++ decode kernels
+        fused_step, fused_attn = bool(dsla_rows) and native_step, bool(attn_rows) and native_step
         if not dsla_rows:
             if fused_attn:
                 return attn.o_proj(self.fused_attention(i, qkv, cos, sin, cache, attn_rows))

@@ -609,6 +609,10 @@ std::vector<at::Tensor> scan_impl(const at::Tensor& q, const at::Tensor& k, cons
     for (int64_t it = t0; it < t1; ++it) {
       const int64_t b = it / T, i = it % T;
       const bool has_state = P + i - W >= 0;
+      if (W && rope) {  // the query's position P + i: one rotary row for all its heads
+        const int64_t row = (b * L + P + i) * D;
+        for (int64_t j = 0; j < D; ++j) c[j] = cos_p[row + j], sn[j] = sin_p[row + j];
+      }
       for (int64_t hq = 0; hq < Hq; ++hq) {
         std::fill(out.begin(), out.end(), acc_t(0));
         for (int64_t s = 0; s < 2 && has_state; ++s) {
@@ -624,7 +628,6 @@ std::vector<at::Tensor> scan_impl(const at::Tensor& q, const at::Tensor& k, cons
           const scalar_t* qp = qr.at(b, hq, i);
           for (int64_t j = 0; j < D; ++j) qa[j] = acc_t(qp[j]) * acc_t(window_scale);
           if (rope) {
-            for (int64_t j = 0; j < D; ++j) c[j] = cos_p[(b * L + c0) * D + j], sn[j] = sin_p[(b * L + c0) * D + j];
             rotate<acc_t>(qa.data(), c.data(), sn.data(), qq.data(), D, acc_t(1));
           } else {
             std::copy(qa.begin(), qa.end(), qq.begin());
