@@ -146,6 +146,7 @@ class StateLayer:
     def __init__(self, pool: StatePool):
         self.pool = pool
         self._slot: int | None = pool.acquire()
+        self._index = torch.tensor([self._slot])  # (1,) int64, as the decode kernel takes slots
         self._finalizer = weakref.finalize(self, pool.release, self._slot)
 
     @property
@@ -153,6 +154,12 @@ class StateLayer:
         if self._slot is None:
             raise RuntimeError("this DSLA state was released: its slot may belong to another sequence now")
         return self._slot
+
+    @property
+    def index(self) -> Tensor:
+        """The slot as a (1,) int64 tensor (made once: a batch-1 decode step passes it to every layer)."""
+        self.slot  # noqa: B018  (raises once released)
+        return self._index
 
     def release(self) -> None:
         self._finalizer()  # runs once: explicit release or garbage collection, whichever comes first

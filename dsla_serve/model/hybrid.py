@@ -28,7 +28,7 @@ from torch.nn.attention.bias import causal_lower_right
 
 from dsla_serve.layers import DSLAAttention, rotate
 from dsla_serve.model.cache import HybridCache, KVLayer, SequenceCache, StateLayer, StatePool
-from dsla_serve.model.convert import check_layers, converted_layers, decoder_layers, original_attention
+from dsla_serve.model.convert import check_layers, converted_layers, decoder_layers
 from dsla_serve.ops import GATE_MIN, native
 from dsla_serve.ops.recurrent import as_dtype
 
@@ -91,6 +91,7 @@ class HybridModel(nn.Module):
         self._fused: dict[tuple[int, int], tuple[tuple, nn.Module]] = {}  # (layer, first part) -> fused
         self._groups: dict[tuple, list[tuple[list[int], list[int]]]] = {}
         self._ring: dict[tuple, tuple[Tensor, ...]] = {}  # per decode step: ring positions shared by the layers
+        self._blocks = list(decoder_layers(base))  # convert swaps their self_attn, never the layers
 
     @property
     def dsla_layers(self) -> list[int]:
@@ -106,7 +107,7 @@ class HybridModel(nn.Module):
         return self.embed_tokens.weight.device
 
     def dsla(self, i: int) -> DSLAAttention:
-        m = decoder_layers(self.base)[i].self_attn
+        m = self._blocks[i].self_attn
         if not isinstance(m, DSLAAttention):
             raise ValueError(f"layer {i} has no DSLA weights (available: {self.dsla_layers})")
         return m
@@ -151,10 +152,15 @@ class HybridModel(nn.Module):
         for p in self.pools.values():
             p.trim()
 
-    def qkv(self, i: int) -> nn.Module | None:
+    def attention(self, i: int) -> nn.Module:
+        """Layer i's attention module, whether or not the layer is converted now."""
+        attn = self._blocks[i].self_attn
+        return attn.replaced if isinstance(attn, DSLAAttention) else attn
+
+    def qkv(self, i: int, attn: nn.Module | None = None) -> nn.Module | None:
         """Layer i's q, k and v projections fused into one (rebuilt when the projections change); None
         where they cannot be fused."""
-        attn = original_attention(self.base, i)
+        attn = attn or self.attention(i)
         return self.fused(i, [attn.q_proj, attn.k_proj, attn.v_proj])
 
     def fused(self, i: int, parts: list[nn.Module]) -> nn.Module | None:
@@ -256,33 +262,32 @@ class HybridModel(nn.Module):
         cache: HybridCache | None, lengths: list[int],
     ) -> Tensor:  # fmt: skip
         """Token mixing of layer i for the batch h (B, T, hidden): attention or DSLA per sequence."""
-        attn = original_attention(self.base, i)
+        attn = self.attention(i)
         B, T, _ = h.shape
         Hq, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
-        fused = self.qkv(i)
+        fused = self.qkv(i, attn)
         qkv = fused(h) if fused is not None else torch.cat([attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)], -1)
+        attn_rows, dsla_rows = group
+        native_step = cache is not None and T == 1 and self.fused_step_ok(qkv)  # the C++ decode kernels
+        if native_step and not attn_rows:
+            return self.fused_step(i, qkv, h, cos, sin, cache, dsla_rows, lengths)
+        if native_step and not dsla_rows:
+            return attn.o_proj(self.fused_attention(i, qkv, cos, sin, cache, attn_rows))
         q = qkv[..., : Hq * D].view(B, T, Hq, D).transpose(1, 2)  # (B, Hq, T, D)
         k = qkv[..., Hq * D : (Hq + Hkv) * D].view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
         v = qkv[..., (Hq + Hkv) * D :].view(B, T, Hkv, D).transpose(1, 2)
-        attn_rows, dsla_rows = group
-        native_step = cache is not None and T == 1 and self.fused_step_ok(qkv)  # the C++ decode kernels
-        fused_step, fused_attn = bool(dsla_rows) and native_step, bool(attn_rows) and native_step
         if not dsla_rows:
-            if fused_attn:
-                return attn.o_proj(self.fused_attention(i, qkv, cos, sin, cache, attn_rows))
             return attn.o_proj(self.attend(i, q, k, v, cos, sin, cache, attn_rows))
         if not attn_rows:
-            if fused_step:
-                return self.fused_step(i, qkv, h, cos, sin, cache, dsla_rows, lengths)
             return self.dsla(i).output(self.attend_dsla(i, q, k, v, cos, sin, cache, dsla_rows, lengths, h))
         out = h.new_empty(B, T, h.shape[-1])
         for rows, is_dsla in ((attn_rows, False), (dsla_rows, True)):
             idx = torch.tensor(rows, device=h.device)
-            if is_dsla and fused_step:
+            if is_dsla and native_step:
                 sub = [t.index_select(0, idx) for t in (qkv, h, cos, sin)]
                 out[idx] = self.fused_step(i, *sub, cache, rows, lengths)
                 continue
-            if not is_dsla and fused_attn:
+            if not is_dsla and native_step:
                 sub = [t.index_select(0, idx) for t in (qkv, cos, sin)]
                 out[idx] = attn.o_proj(self.fused_attention(i, *sub, cache, rows))
                 continue
@@ -389,23 +394,31 @@ class HybridModel(nn.Module):
     ) -> Tensor:  # fmt: skip
         """The DSLA rows' layer output (B, 1, hidden) from their fused q/k/v (B, 1, (Hq + 2·Hkv)·D),
         with one fused call updating their pooled states and windows in place."""
-        dsla, pool = self.dsla(i), self.pool(i)
+        layers = [cache[r].layers[i] for r in rows]
+        pool, dsla = layers[0].pool, self.dsla(i)
+        if any(layer.pool is not pool for layer in layers):
+            raise RuntimeError(f"layer {i}: the batch's DSLA states live in different pools")
+        slots = layers[0].index if len(layers) == 1 else torch.tensor([layer.slot for layer in layers])
         c = dsla.config
-        slots = torch.tensor([cache[r].layers[i].slot for r in rows])
-        own = [lengths[r] for r in rows]
-        if c.window:
-            _, _, _, lcos, lsin, _ = self.ring_positions(c.window, own, qkv)
-            lcos, lsin = lcos[:, 0], lsin[:, 0]
-        else:
-            lcos, lsin = cos[:, 0], sin[:, 0]
-        pos = self.positions(own, qkv.device)
+        pos, cos, sin, lcos, lsin = self.step_rows(c.window, [lengths[r] for r in rows], cos, sin)
         o, extra = native.decode_step(
-            qkv[:, 0], h[:, 0], cos[:, 0], sin[:, 0], lcos, lsin, pos, slots, pool.states, pool.keys, pool.values,
+            qkv[:, 0], h[:, 0], cos, sin, lcos, lsin, pos, slots, pool.states, pool.keys, pool.values,
             dsla.step_params(pool.states.dtype), heads=(self.num_heads, self.num_kv_heads, self.head_dim),
             gate_normalizer=c.gate_normalizer, gate_min=GATE_MIN, eps=c.eps, normalize=c.normalize, rope=c.rope,
         )  # fmt: skip
         out = dsla.o_proj(o[:, None])
-        return out if extra is None else out + extra[:, None]
+        return out if extra is None else out.add_(extra[:, None])
+
+    def step_rows(self, W: int, lengths: list[int], cos: Tensor, sin: Tensor) -> tuple[Tensor, ...]:
+        """A decode step's per-row inputs of the DSLA kernel for rows at ``lengths``: positions (B,), the
+        new token's cos/sin (B, D) and the leaving one's (B, D); memoised per step (every DSLA layer of
+        the step reads them: building them per layer cost ~10 µs of the ~0.2 ms a layer takes)."""
+        key = ("rows", W, tuple(lengths))
+        if key not in self._ring:
+            pos = self.positions(lengths, cos.device)
+            lcos, lsin = (cos, sin) if not W else self.ring_positions(W, lengths, cos)[3:5]
+            self._ring[key] = (pos, cos[:, 0], sin[:, 0], lcos[:, 0], lsin[:, 0])
+        return self._ring[key]
 
     def positions(self, lengths: list[int], device) -> Tensor:
         """The new tokens' positions (B,) int64, memoised per step."""
