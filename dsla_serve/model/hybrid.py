@@ -64,13 +64,20 @@ def fuse_linears(linears: list[nn.Module]) -> nn.Module | None:
     return fused
 
 
+def native_ok(x: Tensor) -> bool:
+    """Whether the C++ kernels can compute on x: on the CPU, with autograd off (they have no backward)."""
+    return x.device.type == "cpu" and not torch.is_grad_enabled() and native.available()
+
+
 def rms_norm(norm: nn.Module, x: Tensor) -> Tensor:
-    """A Llama-style RMSNorm (float32 statistics, weight applied in the input's dtype) in four ops
-    instead of eight; any other norm module as it is."""
-    eps = getattr(norm, "variance_epsilon", None)
-    if eps is None or not isinstance(getattr(norm, "weight", None), Tensor):
+    """A Llama-style RMSNorm (float32 statistics, weight applied in the input's dtype): one C++ pass
+    without autograd, else four ops instead of eight; any other norm module as it is."""
+    eps, weight = getattr(norm, "variance_epsilon", None), getattr(norm, "weight", None)
+    if eps is None or not isinstance(weight, Tensor):
         return norm(x)
-    return norm.weight * as_dtype(F.rms_norm(as_dtype(x, torch.float32), x.shape[-1:], eps=eps), x.dtype)
+    if weight.dtype == x.dtype != torch.float64 and native_ok(x):  # float64 (test references): the ATen
+        return native.rms_norm(x, weight, eps)  # ops, whose float32 summation order the kernel does not repeat
+    return weight * as_dtype(F.rms_norm(as_dtype(x, torch.float32), x.shape[-1:], eps=eps), x.dtype)
 
 
 class HybridModel(nn.Module):
@@ -182,7 +189,10 @@ class HybridModel(nn.Module):
         fused = self.fused(i, parts[:2]) if all(parts) and hasattr(mlp, "act_fn") else None
         if fused is None:
             return mlp(x)
-        gate, up = fused(x).chunk(2, -1)
+        gate_up = fused(x)
+        if getattr(self.config, "hidden_act", None) == "silu" and native_ok(gate_up):
+            return parts[2](native.silu_mul(gate_up))
+        gate, up = gate_up.chunk(2, -1)
         return parts[2](mlp.act_fn(gate) * up)
 
     def forward(
@@ -268,7 +278,7 @@ class HybridModel(nn.Module):
         fused = self.qkv(i, attn)
         qkv = fused(h) if fused is not None else torch.cat([attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)], -1)
         attn_rows, dsla_rows = group
-        native_step = cache is not None and T == 1 and self.fused_step_ok(qkv)  # the C++ decode kernels
+        native_step = cache is not None and T == 1 and native_ok(qkv)  # the C++ decode kernels
         if native_step and not attn_rows:
             return self.fused_step(i, qkv, h, cos, sin, cache, dsla_rows, lengths)
         if native_step and not dsla_rows:
@@ -382,11 +392,6 @@ class HybridModel(nn.Module):
             o = dsla.step(q, k, v, cos, sin, states, (ring_k, ring_v, valid), (*leaving, lcos, lsin, enters), h)
         pool.write_back(idx, states, ring_k, ring_v)
         return o
-
-    def fused_step_ok(self, qkv: Tensor) -> bool:
-        """Whether the fused C++ decode step can run this layer's DSLA rows: on the CPU, with autograd
-        off (it has no backward; every inference path runs under no_grad or inference_mode)."""
-        return qkv.device.type == "cpu" and not torch.is_grad_enabled() and native.available()
 
     def fused_step(
         self, i: int, qkv: Tensor, h: Tensor, cos: Tensor, sin: Tensor, cache: HybridCache, rows: list[int],

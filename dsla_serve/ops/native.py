@@ -145,6 +145,18 @@ def attention_decode(
     return load().attention_decode(qkv, cos, sin, keys, values, lengths, Hq, Hkv, D, D**-0.5)
 
 
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """A Llama RMSNorm of x (..., hidden) in one pass: float32 statistics and normalisation (for a
+    float64 x too, as Llama's norm casts), rounded to x's dtype, times weight (hidden,) of that dtype.
+    No autograd."""
+    return load().rms_norm(x, weight, eps)
+
+
+def silu_mul(gate_up: Tensor) -> Tensor:
+    """silu(gate) * up for a fused projection's output (..., 2 I) = [gate | up]: (..., I). No autograd."""
+    return load().silu_mul(gate_up)
+
+
 def has_int4_gemv() -> bool:
     """Whether the kernels are built with the AVX512-VNNI int4 GEMV (the CPU has the instructions)."""
     return available() and load().has_int4_gemv()

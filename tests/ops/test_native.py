@@ -9,6 +9,7 @@ import shutil
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from dsla_serve.config import DSLAConfig
 from dsla_serve.model import HybridCache, HybridModel, convert
@@ -148,3 +149,33 @@ def test_attention_decode_refuses_a_full_cache():
     keys = torch.zeros(2, 3, 8)
     with pytest.raises(RuntimeError, match="no room"):
         native.attention_decode(qkv, torch.ones(1, 8), torch.zeros(1, 8), [keys], [keys.clone()], [3], (4, 2, 8))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_rms_norm_and_silu_mul_against_float64(dtype):
+    """The one-pass norm and gated activation against float64 formulas; in bfloat16 (rounded where
+    the ATen ops they replace round) equal to those ops but for a last-bit rounding on a few elements."""
+    g = torch.Generator().manual_seed(0)
+    x, w = (
+        torch.randn(37, 576, generator=g, dtype=torch.float64) * 3,
+        torch.randn(576, generator=g, dtype=torch.float64),
+    )
+    norm = native.rms_norm(x.to(dtype), w.to(dtype), 1e-5)
+    ref = w * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5)
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+    # the norm computes in float32 for every dtype, as Llama's RMSNorm does
+    torch.testing.assert_close(norm.double(), ref, rtol=max(tol, 1e-5), atol=max(tol, 1e-5))
+    inter = 1541  # not a multiple of the 16 vector lanes
+    gate_up = torch.randn(5, 3, 2 * inter, generator=g, dtype=torch.float64) * 4
+    gate_up[0, 0, :4] = torch.tensor([-100.0, 100.0, -30.0, 0.0], dtype=torch.float64)  # saturated sigmoids
+    act = native.silu_mul(gate_up.to(dtype))
+    assert act.shape == (5, 3, inter) and act.dtype == dtype
+    gate, up = gate_up.chunk(2, -1)
+    torch.testing.assert_close(act.double(), F.silu(gate) * up, rtol=tol, atol=tol)
+    if dtype == torch.bfloat16:
+        aten_norm = w.to(dtype) * F.rms_norm(x.to(dtype).float(), (576,), eps=1e-5).to(dtype)
+        aten_act = F.silu(gate.to(dtype)) * up.to(dtype)
+        for ours, aten in ((norm, aten_norm), (act, aten_act)):
+            differ = (ours != aten).float().mean().item()
+            assert differ < 0.01, differ  # rounding ties at most; everything else bit-equal
+            torch.testing.assert_close(ours, aten, rtol=tol, atol=tol)

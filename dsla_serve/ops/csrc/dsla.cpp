@@ -86,29 +86,36 @@ inline void low_rank_add(const T* A, const T* Bt, const T* x, T* y, int64_t n_in
   }
 }
 
+#if defined(__AVX512F__)
+inline __m512 exp_nonpositive(__m512 x) {
+  // exp(x) for x <= 0 (below -87: exp(-87)), 16 lanes: Cody-Waite reduction, a degree-7 polynomial
+  // and scalef (< 2 ulp; GCC 12 leaves std::exp and bit-cast versions of this scalar, one call per element).
+  const __m512 x0 = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x0, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
+  __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693145752f), x0);
+  r = _mm512_fnmadd_ps(k, _mm512_set1_ps(1.42860677e-6f), r);
+  __m512 p = _mm512_set1_ps(1.98412698e-4f);
+  for (const float c : {1.38888889e-3f, 8.33333333e-3f, 4.16666667e-2f, 1.66666667e-1f, 0.5f, 1.0f, 1.0f}) {
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+  }
+  return _mm512_scalef_ps(p, k);
+}
+#endif
+
 template <typename T>
 inline T exp_shifted(T* x, int64_t n, T shift) {
   // x[i] = exp(x[i] - shift) in place; returns their sum. Arguments <= 0 (decays; softmax scores
-  // after their max). float with AVX-512: Cody-Waite reduction, a degree-7 polynomial and scalef,
-  // 16 lanes (< 2 ulp; GCC 12 leaves std::exp and bit-cast versions of this scalar, one call per
-  // element); elsewhere std::exp, so the float64 tests compare exactly.
+  // after their max). float with AVX-512: exp_nonpositive; elsewhere std::exp, so the float64 tests
+  // compare exactly.
   T sum = 0;
   int64_t i = 0;
 #if defined(__AVX512F__)
   if constexpr (std::is_same_v<T, float>) {
-    const __m512 s = _mm512_set1_ps(shift), lo = _mm512_set1_ps(-87.0f);
+    const __m512 s = _mm512_set1_ps(shift);
     __m512 acc = _mm512_setzero_ps();
     for (; i < n; i += 16) {
       const __mmask16 m = n - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - i)) - 1);
-      const __m512 x0 = _mm512_max_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + i), s), lo);
-      const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x0, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
-      __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693145752f), x0);
-      r = _mm512_fnmadd_ps(k, _mm512_set1_ps(1.42860677e-6f), r);
-      __m512 p = _mm512_set1_ps(1.98412698e-4f);
-      for (const float c : {1.38888889e-3f, 8.33333333e-3f, 4.16666667e-2f, 1.66666667e-1f, 0.5f, 1.0f, 1.0f}) {
-        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
-      }
-      p = _mm512_scalef_ps(p, k);
+      const __m512 p = exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + i), s));
       _mm512_mask_storeu_ps(x + i, m, p);
       acc = _mm512_add_ps(acc, _mm512_maskz_mov_ps(m, p));
     }
@@ -844,6 +851,95 @@ at::Tensor int4_gemv_impl(const at::Tensor& x, const at::Tensor& packed, const a
 constexpr bool kInt4Gemv = false;
 #endif
 
+// ---- RMS norm and the gated MLP's activation ----
+//
+// Around the kernels above, a layer's token runs a Llama RMSNorm twice (four ATen ops each: float32
+// copy, norm, copy back, weight) and silu(gate) * up (two ops, each a pass over the rows): at batch 1
+// that is ~10 dispatches per layer, in prefill ~6 passes over (T, hidden) per norm. One pass each here,
+// rounding where those ops round (the norm to the input's dtype before the weight, silu before the product).
+
+template <typename scalar_t>
+at::Tensor rms_norm_impl(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  // Statistics and normalisation in float whatever the dtype (Llama's RMSNorm casts to float32, a
+  // float64 model included), the weight product in the input's dtype.
+  using out_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  const int64_t n = x.size(-1), rows = x.numel() / n;
+  at::Tensor y = at::empty_like(x);
+  const scalar_t *x_p = x.data_ptr<scalar_t>(), *w_p = weight.data_ptr<scalar_t>();
+  scalar_t* y_p = y.data_ptr<scalar_t>();
+  at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / n), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const scalar_t* xr = x_p + r * n;
+      scalar_t* yr = y_p + r * n;
+      float ss = 0;
+#pragma omp simd reduction(+ : ss)
+      for (int64_t i = 0; i < n; ++i) ss += float(xr[i]) * float(xr[i]);
+      const float inv = 1.0f / std::sqrt(ss / float(n) + float(eps));
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) {
+        yr[i] = static_cast<scalar_t>(out_t(w_p[i]) * out_t(static_cast<scalar_t>(float(xr[i]) * inv)));
+      }
+    }
+  });
+  return y;
+}
+
+#if defined(__AVX512F__)
+// 16 lanes of float or bfloat16 <-> float; bfloat16 stores round to nearest even, as ATen's casts do.
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const c10::BFloat16* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+inline __m512 round16(const float*, __m512 x) { return x; }
+inline __m512 round16(const c10::BFloat16*, __m512 x) {  // x rounded to bfloat16's precision, as float
+  const __m512i b = _mm512_castps_si512(x);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+  const __m512i r = _mm512_add_epi32(b, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
+  return _mm512_castsi512_ps(_mm512_and_si512(r, _mm512_set1_epi32(int(0xFFFF0000u))));
+}
+inline void store16(float* p, __m512 x) { _mm512_storeu_ps(p, x); }
+inline void store16(c10::BFloat16* p, __m512 x) {  // x already rounded (round16): truncation is exact
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(x), 16)));
+}
+#endif
+
+template <typename scalar_t>
+at::Tensor silu_mul_impl(const at::Tensor& gate_up) {
+  // (..., 2 I) [gate | up] -> (..., I) silu(gate) * up, silu rounded to the dtype before the product
+  using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  const int64_t I = gate_up.size(-1) / 2, rows = gate_up.numel() / (2 * I);
+  std::vector<int64_t> shape(gate_up.sizes().begin(), gate_up.sizes().end());
+  shape.back() = I;
+  at::Tensor y = at::empty(shape, gate_up.options());
+  const scalar_t* g_p = gate_up.data_ptr<scalar_t>();
+  scalar_t* y_p = y.data_ptr<scalar_t>();
+  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / I), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const scalar_t *g = g_p + r * 2 * I, *u = g + I;
+      scalar_t* yr = y_p + r * I;
+      int64_t i = 0;
+#if defined(__AVX512F__)
+      if constexpr (!std::is_same_v<scalar_t, double>) {  // sigmoid(g) = g >= 0 ? 1 / (1 + e) : e / (1 + e), e = exp(-|g|)
+        const __m512 one = _mm512_set1_ps(1.0f);
+        for (; i + 16 <= I; i += 16) {
+          const __m512 gv = load16(g + i);
+          const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(gv)));
+          const __m512 num = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(gv, _mm512_setzero_ps(), _CMP_GE_OQ), e, one);
+          const __m512 act = round16(g, _mm512_mul_ps(gv, _mm512_div_ps(num, _mm512_add_ps(one, e))));
+          store16(yr + i, round16(g, _mm512_mul_ps(act, load16(u + i))));
+        }
+      }
+#endif
+      for (; i < I; ++i) {
+        const scalar_t act = static_cast<scalar_t>(acc_t(g[i]) / (acc_t(1) + std::exp(-acc_t(g[i]))));
+        yr[i] = static_cast<scalar_t>(acc_t(act) * acc_t(u[i]));
+      }
+    }
+  });
+  return y;
+}
+
 }  // namespace
 
 std::vector<at::Tensor> dsla_decode_step(
@@ -982,7 +1078,28 @@ at::Tensor int4_gemv(at::Tensor x, at::Tensor packed, at::Tensor scale, at::Tens
 #endif
 }
 
+at::Tensor rms_norm(at::Tensor x, at::Tensor weight, double eps) {
+  TORCH_CHECK(x.device().is_cpu() && weight.scalar_type() == x.scalar_type(), "rms_norm: CPU, weight in x's dtype");
+  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == x.size(-1), "rms_norm: weight must be (hidden,)");
+  at::Tensor out;
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "rms_norm", [&] {
+    out = rms_norm_impl<scalar_t>(x.contiguous(), weight.contiguous(), eps);
+  });
+  return out;
+}
+
+at::Tensor silu_mul(at::Tensor gate_up) {
+  TORCH_CHECK(gate_up.device().is_cpu() && gate_up.size(-1) % 2 == 0, "silu_mul: CPU, an even last dimension");
+  at::Tensor out;
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, gate_up.scalar_type(), "silu_mul", [&] {
+    out = silu_mul_impl<scalar_t>(gate_up.contiguous());
+  });
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("rms_norm", &rms_norm, "Llama RMSNorm (float statistics, rounded as the ATen ops round)");
+  m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused (..., 2 I) [gate | up]");
   m.def("dsla_decode_step", &dsla_decode_step, "one fused DSLA decode step over pooled slots (in place)");
   m.def("attention_decode", &attention_decode, "one attention decode token for a batch (KV appended in place)");
   m.def("has_int4_gemv", &has_int4_gemv, "whether this build has the AVX512-VNNI int4 GEMV");
