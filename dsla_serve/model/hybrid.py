@@ -12,7 +12,9 @@ and owns only the per-layer token mixing, so its logits equal the Hugging Face f
 Hot path (decode): q/k/v come from one fused projection per layer; the plan groups of a step are
 computed once for all layers; on the CPU each layer is one C++ call per group: a DSLA layer steps the
 group's pooled states in place, an attention layer rotates, appends to every sequence's KV cache and
-attends for the whole group (``native.attention_decode``). Without the C++ kernels attention decode
+attends for the whole group (``native.attention_decode``); the norms and the MLP's silu(gate)·up are
+one C++ pass each. Per-layer Python is kept small: at batch 1 a layer's decode is ~0.3 ms, of which
+each avoidable lookup or tiny tensor op costs 2-10 µs. Without the C++ kernels attention decode
 views each KV group's G query heads as G query rows (one SDPA per sequence without the grouped-query
 expansion, measured 7x faster at 8192 cached keys than ``enable_gqa``).
 """
@@ -167,7 +169,7 @@ class HybridModel(nn.Module):
     def qkv(self, i: int, attn: nn.Module | None = None) -> nn.Module | None:
         """Layer i's q, k and v projections fused into one (rebuilt when the projections change); None
         where they cannot be fused."""
-        attn = attn or self.attention(i)
+        attn = attn if attn is not None else self.attention(i)
         return self.fused(i, [attn.q_proj, attn.k_proj, attn.v_proj])
 
     def fused(self, i: int, parts: list[nn.Module]) -> nn.Module | None:
@@ -183,8 +185,8 @@ class HybridModel(nn.Module):
         return self._fused[slot][1]
 
     def mlp(self, i: int, mlp: nn.Module, x: Tensor) -> Tensor:
-        """A Llama-style gated MLP with its gate and up projections fused into one matmul; any other
-        MLP as it is."""
+        """A Llama-style gated MLP with its gate and up projections fused into one matmul (and, for silu,
+        the activation times up one C++ pass); any other MLP as it is."""
         parts = [getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
         fused = self.fused(i, parts[:2]) if all(parts) and hasattr(mlp, "act_fn") else None
         if fused is None:
