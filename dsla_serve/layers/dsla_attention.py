@@ -249,7 +249,7 @@ class DSLAAttention(nn.Module):
         dtype; cached while no parameter changes."""
         if not hasattr(self, "_step_inputs"):  # collected once: walking the module tree per step costs 16 µs
             self._step_inputs = list(self.dsla_parameters().values())
-        key = (dtype, *(p._version for p in self._step_inputs))  # the list is fixed: versions suffice
+        key = (dtype, *((p.data_ptr(), p._version) for p in self._step_inputs))  # .to() moves data_ptr
         if getattr(self, "_step_cache", (None,))[0] != key:
             with torch.no_grad():
                 none = torch.empty(0, dtype=dtype, device=self.gain.device)

@@ -66,19 +66,24 @@ def fuse_linears(linears: list[nn.Module]) -> nn.Module | None:
     return fused
 
 
+NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float64)  # the C++ kernels' dtypes (no float16)
+
+
 def native_ok(x: Tensor) -> bool:
-    """Whether the C++ kernels can compute on x: on the CPU, with autograd off (they have no backward)."""
-    return x.device.type == "cpu" and not torch.is_grad_enabled() and native.available()
+    """Whether the C++ kernels can compute on x: on the CPU, in their dtypes, with autograd off (they
+    have no backward)."""
+    return x.device.type == "cpu" and x.dtype in NATIVE_DTYPES and not torch.is_grad_enabled() and native.available()
 
 
 def rms_norm(norm: nn.Module, x: Tensor) -> Tensor:
     """A Llama-style RMSNorm (float32 statistics, weight applied in the input's dtype): one C++ pass
-    without autograd, else four ops instead of eight; any other norm module as it is."""
+    where ``native_ok`` and the weight has x's dtype (not for float64, the tests' reference dtype),
+    else four ops instead of eight; any other norm module as it is."""
     eps, weight = getattr(norm, "variance_epsilon", None), getattr(norm, "weight", None)
     if eps is None or not isinstance(weight, Tensor):
         return norm(x)
-    if weight.dtype == x.dtype != torch.float64 and native_ok(x):  # float64 (test references): the ATen
-        return native.rms_norm(x, weight, eps)  # ops, whose float32 summation order the kernel does not repeat
+    if weight.dtype == x.dtype and x.dtype != torch.float64 and native_ok(x):  # float64 keeps the ATen ops,
+        return native.rms_norm(x, weight, eps)  # whose float32 summation order the kernel does not repeat
     return weight * as_dtype(F.rms_norm(as_dtype(x, torch.float32), x.shape[-1:], eps=eps), x.dtype)
 
 
@@ -99,7 +104,7 @@ class HybridModel(nn.Module):
         self.pools: dict[int, StatePool] = {}
         self._fused: dict[tuple[int, int], tuple[tuple, nn.Module]] = {}  # (layer, first part) -> fused
         self._groups: dict[tuple, list[tuple[list[int], list[int]]]] = {}
-        self._ring: dict[tuple, tuple[Tensor, ...]] = {}  # per decode step: ring positions shared by the layers
+        self._ring: dict[tuple, tuple[Tensor, ...]] = {}  # per decode step: rows' positions, rotary, ring slots
         self._blocks = list(decoder_layers(base))  # convert swaps their self_attn, never the layers
 
     @property
@@ -381,9 +386,9 @@ class HybridModel(nn.Module):
         self, i: int, dsla: DSLAAttention, q, k, v, cos, sin, layers: list[StateLayer], lengths: list[int], h: Tensor
     ) -> Tensor:
         """One decode token for a batch of DSLA sequences: their pooled states and windows updated in place."""
-        pool = self.pool(i)
+        pool = self.layers_pool(i, layers)
         states, ring_k, ring_v, idx = pool.batch([layer.slot for layer in layers])  # states (B, 2, Hkv, K, V)
-        W = dsla.config.window
+        W = pool.window
         if not W:
             o = dsla.step(q, k, v, cos, sin, states, hidden=h)
         else:
@@ -402,12 +407,10 @@ class HybridModel(nn.Module):
         """The DSLA rows' layer output (B, 1, hidden) from their fused q/k/v (B, 1, (Hq + 2·Hkv)·D),
         with one fused call updating their pooled states and windows in place."""
         layers = [cache[r].layers[i] for r in rows]
-        pool, dsla = layers[0].pool, self.dsla(i)
-        if any(layer.pool is not pool for layer in layers):
-            raise RuntimeError(f"layer {i}: the batch's DSLA states live in different pools")
+        pool, dsla = self.layers_pool(i, layers), self.dsla(i)
         slots = layers[0].index if len(layers) == 1 else torch.tensor([layer.slot for layer in layers])
         c = dsla.config
-        pos, cos, sin, lcos, lsin = self.step_rows(c.window, [lengths[r] for r in rows], cos, sin)
+        pos, cos, sin, lcos, lsin = self.step_rows(pool.window, [lengths[r] for r in rows], cos, sin)
         o, extra = native.decode_step(
             qkv[:, 0], h[:, 0], cos, sin, lcos, lsin, pos, slots, pool.states, pool.keys, pool.values,
             dsla.step_params(pool.states.dtype), heads=(self.num_heads, self.num_kv_heads, self.head_dim),
@@ -415,6 +418,14 @@ class HybridModel(nn.Module):
         )  # fmt: skip
         out = dsla.o_proj(o[:, None])
         return out if extra is None else out.add_(extra[:, None])
+
+    @staticmethod
+    def layers_pool(i: int, layers: list[StateLayer]) -> StatePool:
+        """The pool the batch's states at layer i live in (their own: a pool rebuilt since keeps no slot of theirs)."""
+        pool = layers[0].pool
+        if any(layer.pool is not pool for layer in layers):
+            raise RuntimeError(f"layer {i}: the batch's DSLA states live in different pools")
+        return pool
 
     def step_rows(self, W: int, lengths: list[int], cos: Tensor, sin: Tensor) -> tuple[Tensor, ...]:
         """A decode step's per-row inputs of the DSLA kernel for rows at ``lengths``: positions (B,), the

@@ -892,7 +892,7 @@ inline __m512 load16(const c10::BFloat16* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 inline __m512 round16(const float*, __m512 x) { return x; }
-inline __m512 round16(const c10::BFloat16*, __m512 x) {  // x rounded to bfloat16's precision, as float
+inline __m512 round16(const c10::BFloat16*, __m512 x) {  // x rounded to bfloat16's precision, as float (finite x)
   const __m512i b = _mm512_castps_si512(x);
   const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
   const __m512i r = _mm512_add_epi32(b, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
@@ -924,7 +924,8 @@ at::Tensor silu_mul_impl(const at::Tensor& gate_up) {
         const __m512 one = _mm512_set1_ps(1.0f);
         for (; i + 16 <= I; i += 16) {
           const __m512 gv = load16(g + i);
-          const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(gv)));
+          const __m512 neg = _mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(gv));  // below -87: e = 0, as exp underflows
+          const __m512 e = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(neg, _mm512_set1_ps(-87.0f), _CMP_GE_OQ), exp_nonpositive(neg));
           const __m512 num = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(gv, _mm512_setzero_ps(), _CMP_GE_OQ), e, one);
           const __m512 act = round16(g, _mm512_mul_ps(gv, _mm512_div_ps(num, _mm512_add_ps(one, e))));
           store16(yr + i, round16(g, _mm512_mul_ps(act, load16(u + i))));
@@ -1079,7 +1080,9 @@ at::Tensor int4_gemv(at::Tensor x, at::Tensor packed, at::Tensor scale, at::Tens
 }
 
 at::Tensor rms_norm(at::Tensor x, at::Tensor weight, double eps) {
-  TORCH_CHECK(x.device().is_cpu() && weight.scalar_type() == x.scalar_type(), "rms_norm: CPU, weight in x's dtype");
+  TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu() && weight.scalar_type() == x.scalar_type(),
+              "rms_norm: CPU tensors, weight in x's dtype");
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) > 0, "rms_norm: x needs a non-empty last dimension");
   TORCH_CHECK(weight.dim() == 1 && weight.size(0) == x.size(-1), "rms_norm: weight must be (hidden,)");
   at::Tensor out;
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "rms_norm", [&] {
@@ -1089,7 +1092,8 @@ at::Tensor rms_norm(at::Tensor x, at::Tensor weight, double eps) {
 }
 
 at::Tensor silu_mul(at::Tensor gate_up) {
-  TORCH_CHECK(gate_up.device().is_cpu() && gate_up.size(-1) % 2 == 0, "silu_mul: CPU, an even last dimension");
+  TORCH_CHECK(gate_up.device().is_cpu() && gate_up.dim() >= 1 && gate_up.size(-1) > 0 && gate_up.size(-1) % 2 == 0,
+              "silu_mul: a CPU tensor with an even, non-zero last dimension");
   at::Tensor out;
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, gate_up.scalar_type(), "silu_mul", [&] {
     out = silu_mul_impl<scalar_t>(gate_up.contiguous());
