@@ -51,7 +51,11 @@ def check_layers(model: nn.Module, layers: Iterable[int]) -> list[int]:
 
 def original_attention(model: nn.Module, i: int) -> nn.Module:
     """The attention module of layer i, whether or not the layer is converted now."""
-    attn = decoder_layers(model)[i].self_attn
+    return unconverted(decoder_layers(model)[i].self_attn)
+
+
+def unconverted(attn: nn.Module) -> nn.Module:
+    """The attention a DSLA module replaced, or ``attn`` itself when it is one."""
     return attn.replaced if isinstance(attn, DSLAAttention) else attn
 
 

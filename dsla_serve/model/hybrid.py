@@ -30,7 +30,7 @@ from torch.nn.attention.bias import causal_lower_right
 
 from dsla_serve.layers import DSLAAttention, rotate
 from dsla_serve.model.cache import HybridCache, KVLayer, SequenceCache, StateLayer, StatePool
-from dsla_serve.model.convert import check_layers, converted_layers, decoder_layers
+from dsla_serve.model.convert import check_layers, converted_layers, decoder_layers, unconverted
 from dsla_serve.ops import GATE_MIN, native
 from dsla_serve.ops.recurrent import as_dtype
 
@@ -168,8 +168,7 @@ class HybridModel(nn.Module):
 
     def attention(self, i: int) -> nn.Module:
         """Layer i's attention module, whether or not the layer is converted now."""
-        attn = self._blocks[i].self_attn
-        return attn.replaced if isinstance(attn, DSLAAttention) else attn
+        return unconverted(self._blocks[i].self_attn)  # a plain list: ModuleList indexing costs µs per layer
 
     def qkv(self, i: int, attn: nn.Module | None = None) -> nn.Module | None:
         """Layer i's q, k and v projections fused into one (rebuilt when the projections change); None

@@ -88,8 +88,10 @@ inline void low_rank_add(const T* A, const T* Bt, const T* x, T* y, int64_t n_in
 
 #if defined(__AVX512F__)
 inline __m512 exp_nonpositive(__m512 x) {
-  // exp(x) for x <= 0 (below -87: exp(-87)), 16 lanes: Cody-Waite reduction, a degree-7 polynomial
-  // and scalef (< 2 ulp; GCC 12 leaves std::exp and bit-cast versions of this scalar, one call per element).
+  // exp(x) for x <= 0 (below -87, where float's normal range ends: 0), 16 lanes: Cody-Waite reduction,
+  // a degree-7 polynomial and scalef (< 2 ulp; GCC 12 leaves std::exp and bit-cast versions of this
+  // scalar, one call per element).
+  const __mmask16 normal = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_GE_OQ);
   const __m512 x0 = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
   const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x0, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
   __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693145752f), x0);
@@ -98,7 +100,7 @@ inline __m512 exp_nonpositive(__m512 x) {
   for (const float c : {1.38888889e-3f, 8.33333333e-3f, 4.16666667e-2f, 1.66666667e-1f, 0.5f, 1.0f, 1.0f}) {
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
   }
-  return _mm512_scalef_ps(p, k);
+  return _mm512_maskz_mov_ps(normal, _mm512_scalef_ps(p, k));
 }
 #endif
 
@@ -924,8 +926,7 @@ at::Tensor silu_mul_impl(const at::Tensor& gate_up) {
         const __m512 one = _mm512_set1_ps(1.0f);
         for (; i + 16 <= I; i += 16) {
           const __m512 gv = load16(g + i);
-          const __m512 neg = _mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(gv));  // below -87: e = 0, as exp underflows
-          const __m512 e = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(neg, _mm512_set1_ps(-87.0f), _CMP_GE_OQ), exp_nonpositive(neg));
+          const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(gv)));
           const __m512 num = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(gv, _mm512_setzero_ps(), _CMP_GE_OQ), e, one);
           const __m512 act = round16(g, _mm512_mul_ps(gv, _mm512_div_ps(num, _mm512_add_ps(one, e))));
           store16(yr + i, round16(g, _mm512_mul_ps(act, load16(u + i))));
