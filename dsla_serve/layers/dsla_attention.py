@@ -34,8 +34,7 @@ from torch import Tensor, nn
 
 from dsla_serve.config import DSLAConfig
 from dsla_serve.ops import GATE_MIN, StatePair, step_dsla
-from dsla_serve.ops.chunk import compute_dtype
-from dsla_serve.ops.naive import mixing_weights, rotate
+from dsla_serve.ops.naive import GateLogits, log_decays, mixing_weights, rotate
 from dsla_serve.ops.native import StepParams, prefill_dsla
 
 
@@ -147,15 +146,18 @@ class DSLAAttention(nn.Module):
         out = self.o_proj(o)
         return out + self.adapters["o"](o) if "o" in self.adapters else out
 
-    def gates(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Log-decays (B, Hkv, T, D) of both states from un-rotated keys and values (B, Hkv, T, D)."""
+    def gate_logits(self, k: Tensor, v: Tensor) -> GateLogits:
+        """The gates' pre-activations (B, T, 1 | 2, Hkv, D) from un-rotated keys and values (B, Hkv, T, D),
+        with the normaliser and floor that make them log-decays (``ops.naive.log_decays``)."""
         B, H, T, D = k.shape
         x = torch.cat((k, v), dim=-1).transpose(1, 2).reshape(B, T, 2 * H * D)
         weight, bias = self.gate_weights()
-        pre = F.linear(x, weight, bias)
-        g = (F.logsigmoid(pre.to(compute_dtype(pre.dtype))) / self.config.gate_normalizer).clamp(min=GATE_MIN)
-        g = g.view(B, T, len(weight) // (H * D), H, D).permute(2, 0, 3, 1, 4)  # (1 or 2, B, H, T, D)
-        return g[0], g[-1]
+        pre = F.linear(x, weight, bias).view(B, T, len(weight) // (H * D), H, D)
+        return pre, self.config.gate_normalizer, GATE_MIN
+
+    def gates(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Log-decays (B, Hkv, T, D) of both states from un-rotated keys and values (B, Hkv, T, D)."""
+        return log_decays(*self.gate_logits(k, v))
 
     def gate_weights(self) -> tuple[Tensor, Tensor]:
         """Both gates' weights stacked, so one matmul makes both; cached while the weights do not change."""
@@ -189,17 +191,13 @@ class DSLAAttention(nn.Module):
             k, v_win, k_rot = torch.cat((pk, k), 2), torch.cat((pv, v), 2), torch.cat((pk_rot, k_rot), 2)
             cos, sin = torch.cat((pcos, cos), 1), torch.cat((psin, sin), 1)
         k_s, v_s = self.adapt("k", k), self.adapt("v", v_win)  # the states' keys and values
-        g_far, g_close = self.gates(k_s, v_s)
-        q_s = self.state_query(q, hidden)
-        q_state, k_state = (
-            (rotate(q_s, cos[:, -T:], sin[:, -T:]), rotate(k_s, cos, sin)) if self.config.rope else (q_s, k_s)
-        )
         # the output gate's pre-activation (B, Hq, T, D), from the un-rotated query of each token
         gate = (self.out_gate(q), self.out_gate_bias) if self.config.output_gate else None
-        o, state = prefill_dsla(
-            q_state, k_state, v_s, g_far, g_close, self.alpha, normalize=self.config.normalize, eps=self.config.eps,
-            initial_state=state, gain=self.gain, window=W, rotary=(q, k, cos, sin), beta=self.window_logit(),
-            window_values=v_win, out_gate=gate, chunk_size=self.config.chunk_size,
+        o, state = prefill_dsla(  # RoPE, gate activations and output gate applied inside (or around) the scan
+            self.state_query(q, hidden), k_s, v_s, None, None, self.alpha, normalize=self.config.normalize,
+            eps=self.config.eps, initial_state=state, gain=self.gain, window=W, rotary=(q, k, cos, sin),
+            beta=self.window_logit(), window_values=v_win, out_gate=gate, chunk_size=self.config.chunk_size,
+            gate_logits=self.gate_logits(k_s, v_s), rope_states=self.config.rope,
         )  # fmt: skip
         n = min(W, k_rot.shape[2])  # the window now: the last n tokens
         return (

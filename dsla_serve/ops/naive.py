@@ -26,9 +26,12 @@ of the L tokens; the caller keeps those W as the next window.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 StatePair = tuple[Tensor, Tensor]
+GateLogits = tuple[Tensor, float, float]
+"""The gates' pre-activations (B, L, 1 | 2, Hkv, D) (far[, close]), the normaliser and the lowest log-decay."""
 
 
 def rms_normalize(o: Tensor, eps: float) -> Tensor:
@@ -42,6 +45,15 @@ def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     half = x.shape[-1] // 2
     rotated_half = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated_half * sin
+
+
+def log_decays(logits: Tensor, normalizer: float, gate_min: float) -> StatePair:
+    """Per-token log-decays (g_far, g_close), each (B, Hkv, L, D) in float32 (float64 for float64), from
+    the gates' pre-activations (B, L, nG, Hkv, D): max(logsigmoid(x) / normalizer, gate_min). One gate
+    (nG = 1, the single-state variant) serves as both."""
+    f = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    g = (F.logsigmoid(logits.to(f)) / normalizer).clamp(min=gate_min).permute(2, 0, 3, 1, 4)
+    return g[0], g[-1]
 
 
 def mixing_weights(alpha: Tensor, num_q_heads: int, beta: Tensor | None = None) -> Tensor:

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from dsla_serve.ops.chunk import chunk_dsla, compute_dtype
-from dsla_serve.ops.naive import StatePair, mixing_weights, rotate
+from dsla_serve.ops.naive import GateLogits, StatePair, log_decays, mixing_weights, rotate
 
 log = logging.getLogger(__name__)
 
@@ -171,23 +171,30 @@ def int4_gemv(x: Tensor, packed: Tensor, scale: Tensor, offset: Tensor) -> Tenso
 
 
 def scan_dsla(
-    q: Tensor, k: Tensor, v: Tensor, g_far: Tensor, g_close: Tensor, alpha: Tensor, *, scale: float | None = None,
-    normalize: bool = True, eps: float = 1e-6, initial_state: StatePair | None = None, gain: Tensor | None = None,
-    window: int = 0, q_rot: Tensor | None = None, k_rot: Tensor | None = None, beta: Tensor | None = None,
-    window_scale: float | None = None, window_values: Tensor | None = None,
+    q: Tensor, k: Tensor, v: Tensor, g_far: Tensor | None, g_close: Tensor | None, alpha: Tensor, *,
+    scale: float | None = None, normalize: bool = True, eps: float = 1e-6, initial_state: StatePair | None = None,
+    gain: Tensor | None = None, window: int = 0, q_rot: Tensor | None = None, k_rot: Tensor | None = None,
+    beta: Tensor | None = None, window_scale: float | None = None, window_values: Tensor | None = None,
     rotary: tuple[Tensor, Tensor, Tensor, Tensor] | None = None, out_gate: tuple[Tensor, Tensor] | None = None,
+    gate_logits: GateLogits | None = None, rope_states: bool = False,
 ) -> tuple[Tensor, StatePair]:  # fmt: skip
     """``chunk_dsla``'s contract by the C++ recurrent scan (no autograd). o is returned as a
     (B, Hq, T, V) view of a (B, T, Hq, V) tensor: the layer's ``transpose(1, 2).reshape`` is free.
 
-    Two more inputs the layer would otherwise apply with ~15 tensor ops around the call:
+    More inputs the layer would otherwise apply with ~25 tensor ops around the call:
     ``rotary`` = (q, k, cos, sin), the window's un-rotated q (B, Hq, T, D) and k (B, Hkv, L, D) and
-    the rotary tables (B, L, D) of the L key positions, in place of q_rot/k_rot; ``out_gate`` =
-    (pre-activation (B, Hq, T, V), bias (Hq, V)): o is multiplied by 2 sigmoid(pre + bias)."""
+    the rotary tables (B, L, D) of the L key positions, in place of q_rot/k_rot; ``rope_states``: q
+    and k are un-rotated too, and the kernel rotates them with ``rotary``'s tables; ``gate_logits``
+    in place of g_far/g_close: the gates' pre-activations, from which the kernel makes the decays;
+    ``out_gate`` = (pre-activation (B, Hq, T, V), bias (Hq, V)): o is multiplied by 2 sigmoid(pre + bias)."""
     B, Hq, T, K = q.shape
     Hkv, L, V = k.shape[1], k.shape[2], v.shape[-1]
     if not 0 <= L - T <= window:
         raise ValueError(f"keys hold {L} tokens for {T} queries: the prefix must be 0..{window} window tokens")
+    if rope_states and rotary is None:
+        raise ValueError("rope_states needs the rotary tables (rotary=(q, k, cos, sin))")
+    if (gate_logits is None) == (g_far is None or g_close is None):
+        raise ValueError("give either both log-decays (g_far, g_close) or gate_logits")
     f = compute_dtype(q.dtype)
     dtype = q.dtype if q.dtype in (torch.float32, torch.bfloat16, torch.float64) else f
     cast = lambda t: t if t.dtype == dtype else t.to(dtype)  # noqa: E731
@@ -198,38 +205,47 @@ def scan_dsla(
     if rotary is not None:
         q_rot, k_rot, cos, sin = (cast(t) for t in rotary)
     og, og_b = (cast(out_gate[0]), out_gate[1].to(f).contiguous()) if out_gate is not None else (none, none.to(f))
+    logits, normalizer, gate_min = (none, 1.0, 0.0) if gate_logits is None else gate_logits
     o, state = load().dsla_scan(
-        cast(q), cast(k), cast(v), g_far.to(f), g_close.to(f), state.contiguous(), weights,
-        gain.to(f).contiguous() if gain is not None else none.to(f), cast(q if q_rot is None else q_rot) if window else none,
-        cast(k if k_rot is None else k_rot) if window else none,
-        cast(v if window_values is None else window_values) if window else none, cos if window else none,
-        sin if window else none, og, og_b, window, K**-0.5 if scale is None else scale,
-        K**-0.5 if window_scale is None else window_scale, normalize, eps,
+        cast(q), cast(k), cast(v), none.to(f) if g_far is None else g_far.to(f),
+        none.to(f) if g_close is None else g_close.to(f), cast(logits), normalizer, gate_min, state.contiguous(),
+        weights, gain.to(f).contiguous() if gain is not None else none.to(f),
+        cast(q if q_rot is None else q_rot) if window else none, cast(k if k_rot is None else k_rot) if window else none,
+        cast(v if window_values is None else window_values) if window else none, cos, sin, rope_states, og, og_b,
+        window, K**-0.5 if scale is None else scale, K**-0.5 if window_scale is None else window_scale, normalize, eps,
     )  # fmt: skip
     return o.transpose(1, 2).to(q.dtype), (state[0], state[1])
 
 
 def prefill_dsla(
-    q: Tensor, k: Tensor, v: Tensor, g_far: Tensor, g_close: Tensor, alpha: Tensor, **kwargs
+    q: Tensor, k: Tensor, v: Tensor, g_far: Tensor | None, g_close: Tensor | None, alpha: Tensor, **kwargs
 ) -> tuple[Tensor, StatePair]:
     """``scan_dsla`` where it runs (CPU inference, K == V), else ``chunk_dsla`` (training, CUDA, no compiler),
-    with ``scan_dsla``'s ``rotary`` and ``out_gate`` applied around it.
+    with ``scan_dsla``'s ``rotary``, ``rope_states``, ``gate_logits`` and ``out_gate`` applied around it.
 
     q with zero heads asks for the final states alone (folding a KV cache): the scan then only
     updates them; the chunked form, which needs queries, reads with zero ones and drops the read-out."""
-    tensors = [q, k, v, g_far, g_close, alpha, *(t for t in kwargs.values() if isinstance(t, Tensor))]
-    tensors += [*(kwargs.get("initial_state") or ()), *(kwargs.get("rotary") or ()), *(kwargs.get("out_gate") or ())]
+    tensors = [q, k, v, alpha, *(t for t in (g_far, g_close) if t is not None)]
+    tensors += [t for t in kwargs.values() if isinstance(t, Tensor)]
+    for name in ("initial_state", "rotary", "out_gate", "gate_logits"):
+        tensors += [t for t in kwargs.get(name) or () if isinstance(t, Tensor)]
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     if q.device.type == "cpu" and q.shape[-1] == k.shape[-1] == v.shape[-1] and not grad and available():
         kwargs.pop("chunk_size", None)
         return scan_dsla(q, k, v, g_far, g_close, alpha, **kwargs)
     rotary, out_gate = kwargs.pop("rotary", None), kwargs.pop("out_gate", None)
-    if rotary is not None and kwargs.get("window"):
+    gate_logits, rope_states = kwargs.pop("gate_logits", None), kwargs.pop("rope_states", False)
+    if gate_logits is not None:
+        g_far, g_close = log_decays(*gate_logits)
+    if rotary is not None and (kwargs.get("window") or rope_states):
         q_win, k_win, cos, sin = rotary
-        kwargs["q_rot"], kwargs["k_rot"] = (
-            rotate(q_win, cos[:, -q.shape[2] :], sin[:, -q.shape[2] :]),
-            rotate(k_win, cos, sin),
-        )
+        q_cos, q_sin = cos[:, -q.shape[2] :], sin[:, -q.shape[2] :]
+        if kwargs.get("window"):
+            kwargs["q_rot"], kwargs["k_rot"] = rotate(q_win, q_cos, q_sin), rotate(k_win, cos, sin)
+        if rope_states:
+            q, k = rotate(q, q_cos, q_sin), rotate(k, cos, sin)
+    elif rope_states:
+        raise ValueError("rope_states needs the rotary tables (rotary=(q, k, cos, sin))")
     if q.shape[1] == 0:
         B, _, T, K = q.shape
         o, state = chunk_dsla(q.new_zeros(B, k.shape[1], T, K), k, v, g_far, g_close, alpha, **kwargs)

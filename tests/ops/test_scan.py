@@ -195,3 +195,46 @@ def test_scan_rotates_the_window_and_gates_the_output(prefix):
     torch.testing.assert_close(o, o_ref, rtol=1e-11, atol=1e-11)
     for a, b in zip(s, s_ref, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-11)
+
+
+@pytest.mark.parametrize("n_gates", [2, 1])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_scan_makes_decays_from_gate_logits_and_rotates_the_states(n_gates, dtype):
+    """``gate_logits`` and ``rope_states`` inside the kernel == log_decays and RoPE on the states' q/k
+    around the float64 reference; logits out to +-40 reach the gate floor and saturation, and float32
+    takes the vectorised logsigmoid."""
+    from dsla_serve.ops.naive import log_decays, rotate
+
+    B, Hq, Hkv, T, P, W, D = 2, 6, 2, 45, 3, 5, 64
+    args, kw = inputs(B, Hq, Hkv, T, P, W, D)
+    gen = torch.Generator().manual_seed(2)
+    cos, sin = torch.randn(2, B, P + T, D, generator=gen, dtype=torch.float64)
+    logits = torch.randn(B, P + T, n_gates, Hkv, D, generator=gen, dtype=torch.float64) * 12
+    logits[0, :4] = 40.0
+    logits[1, :4] = -40.0
+    q, k, v, _, _, alpha = args
+    q_win, k_win = kw.pop("q_rot"), kw.pop("k_rot")
+    g_far, g_close = log_decays(logits, 16.0, -1.0)
+    o_ref, s_ref = naive_dsla(
+        rotate(q, cos[:, P:], sin[:, P:]), rotate(k, cos, sin), v, g_far, g_close, alpha, **kw,
+        q_rot=rotate(q_win, cos[:, P:], sin[:, P:]), k_rot=rotate(k_win, cos, sin),
+    )  # fmt: skip
+    cast = lambda t: t.to(dtype)  # noqa: E731
+    kw = {n: (tuple(map(cast, x)) if isinstance(x, tuple) else cast(x) if isinstance(x, torch.Tensor) else x)
+          for n, x in kw.items()}  # fmt: skip
+    o, s = native.scan_dsla(
+        cast(q), cast(k), cast(v), None, None, cast(alpha), **kw, rotary=tuple(map(cast, (q_win, k_win, cos, sin))),
+        gate_logits=(cast(logits), 16.0, -1.0), rope_states=True,
+    )  # fmt: skip
+    tol = 1e-11 if dtype == torch.float64 else 3e-5
+    torch.testing.assert_close(o.double(), o_ref, rtol=tol, atol=tol)
+    for a, b in zip(s, s_ref, strict=True):
+        torch.testing.assert_close(a.double(), b, rtol=tol, atol=tol)
+
+
+def test_scan_needs_one_kind_of_gates():
+    args, kw = inputs(1, 2, 1, 5, 0, 2, 4)
+    with pytest.raises(ValueError, match="either both log-decays"):
+        native.scan_dsla(*args[:3], None, None, args[5], **kw)
+    with pytest.raises(ValueError, match="rope_states needs"):
+        native.prefill_dsla(*args, **kw, rope_states=True)

@@ -50,13 +50,14 @@ struct FlushDenormals {
 };
 
 template <typename T>
-inline void rotate(const T* x, const T* cos, const T* sin, T* out, int64_t D, T sign) {
-  // Llama's rotary embedding: out = x cos + rotate_half(x) sin; sign = -1 undoes it.
+inline void rotate(const T* __restrict x, const T* __restrict cos, const T* __restrict sin, T* __restrict out,
+                   int64_t D, T sign) {
+  // Llama's rotary embedding: out = x cos + rotate_half(x) sin; sign = -1 undoes it. out must not alias x.
   const int64_t half = D / 2;
-  for (int64_t i = 0; i < half; ++i) {
-    out[i] = x[i] * cos[i] - sign * x[i + half] * sin[i];
-    out[i + half] = x[i + half] * cos[i + half] + sign * x[i] * sin[i + half];
-  }
+#pragma omp simd
+  for (int64_t i = 0; i < half; ++i) out[i] = x[i] * cos[i] - sign * x[i + half] * sin[i];
+#pragma omp simd
+  for (int64_t i = 0; i < half; ++i) out[i + half] = x[i + half] * cos[i + half] + sign * x[i] * sin[i + half];
 }
 
 template <typename T>
@@ -131,6 +132,51 @@ inline T exp_shifted(T* x, int64_t n, T shift) {
 template <typename T>
 inline T log_sigmoid(T x) {
   return std::min(x, T(0)) - std::log1p(std::exp(-std::abs(x)));
+}
+
+#if defined(__AVX512F__)
+// 16 lanes of float or bfloat16 <-> float; bfloat16 stores round to nearest even, as ATen's casts do.
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const c10::BFloat16* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+inline __m512 round16(const float*, __m512 x) { return x; }
+inline __m512 round16(const c10::BFloat16*, __m512 x) {  // x rounded to bfloat16's precision, as float (finite x)
+  const __m512i b = _mm512_castps_si512(x);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+  const __m512i r = _mm512_add_epi32(b, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
+  return _mm512_castsi512_ps(_mm512_and_si512(r, _mm512_set1_epi32(int(0xFFFF0000u))));
+}
+inline void store16(float* p, __m512 x) { _mm512_storeu_ps(p, x); }
+inline void store16(c10::BFloat16* p, __m512 x) {  // x already rounded (round16): truncation is exact
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(x), 16)));
+}
+#endif
+
+template <typename scalar_t, typename acc_t>
+inline void decay_from_logits(const scalar_t* x, acc_t* decay, int64_t D, acc_t inv_normalizer, acc_t gate_min) {
+  // A gate's per-token decay from its pre-activation: exp(max(logsigmoid(x) / normaliser, gate_min)).
+  // float with AVX-512: logsigmoid(x) = min(x, 0) - log1p(e), e = exp(-|x|) in (0, 1], and
+  // log1p(e) = 2 atanh(e / (2 + e)) by its odd series to t^13 (t <= 1/3: error < 1e-8); elsewhere the
+  // scalar formula, so the float64 tests compare exactly.
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<acc_t, float> && !std::is_same_v<scalar_t, double>) {
+    const __m512 zero = _mm512_setzero_ps(), two = _mm512_set1_ps(2.0f), inv = _mm512_set1_ps(inv_normalizer),
+                 floor = _mm512_set1_ps(gate_min);
+    for (; i + 16 <= D; i += 16) {
+      const __m512 xv = load16(x + i);
+      const __m512 e = exp_nonpositive(_mm512_sub_ps(zero, _mm512_abs_ps(xv)));
+      const __m512 t = _mm512_div_ps(e, _mm512_add_ps(two, e)), t2 = _mm512_mul_ps(t, t);
+      __m512 p = _mm512_set1_ps(2.0f / 13);
+      for (const float c : {2.0f / 11, 2.0f / 9, 2.0f / 7, 2.0f / 5, 2.0f / 3, 2.0f}) p = _mm512_fmadd_ps(p, t2, _mm512_set1_ps(c));
+      const __m512 ls = _mm512_sub_ps(_mm512_min_ps(xv, zero), _mm512_mul_ps(p, t));
+      _mm512_storeu_ps(decay + i, exp_nonpositive(_mm512_max_ps(_mm512_mul_ps(ls, inv), floor)));
+    }
+  }
+#endif
+  for (; i < D; ++i) decay[i] = std::exp(std::max(log_sigmoid(acc_t(x[i])) * inv_normalizer, gate_min));
 }
 
 template <typename acc_t, typename w_t>
@@ -467,27 +513,58 @@ TokenFn<acc_t> token_fn(int64_t D, int64_t G) {
   return nullptr;
 }
 
+template <typename scalar_t>
+struct GateLogits {  // the gates' pre-activations (B, L, nG, Hkv, D), from which the scan makes the decays
+  const scalar_t* p = nullptr;  // null: the log-decays come as tensors
+  int64_t n_gates = 0, L = 0, Hkv = 0;
+  double inv_normalizer = 1, gate_min = 0;
+  const scalar_t* at(int64_t b, int64_t e, int64_t s, int64_t h, int64_t D) const {
+    return p + (((b * L + e) * n_gates + std::min(s, n_gates - 1)) * Hkv + h) * D;
+  }
+};
+
 template <typename scalar_t, typename acc_t>
 void scan_state(const View4<scalar_t>& q, const View4<scalar_t>& k, const View4<scalar_t>& v, const View4<acc_t>& g,
-                int64_t b, int64_t h, int64_t G, int64_t T, int64_t P, int64_t W, int64_t D, acc_t scale, acc_t* S,
+                const GateLogits<scalar_t>& logits, const scalar_t* cos, const scalar_t* sin, int64_t s, int64_t b,
+                int64_t h, int64_t G, int64_t T, int64_t P, int64_t W, int64_t D, acc_t scale, acc_t* S,
                 acc_t* reads /* (G, T, D) */) {
-  // One state of one KV head over the T new tokens: the token P + i - W enters, then query i reads.
+  // One state s of one KV head over the T new tokens: the token P + i - W enters, then query i reads.
+  // Decays from the log-decays g or from the gates' pre-activations; cos/sin (B, L, D), when given,
+  // rotate the states' keys and queries (RoPE inside DSLA) at their positions.
   const TokenFn<acc_t> fast = token_fn<acc_t>(D, G);
-  std::vector<acc_t> decay(D), kk(D), vv(D), qq(G * D);
+  const int64_t L = P + T;
+  std::vector<acc_t> decay(D), kk(D), vv(D), qq(G * D), x(D), c(D), sn(D);
+  auto row = [&](int64_t pos) {  // the rotary tables of position pos into c, sn
+    for (int64_t r = 0; r < D; ++r) c[r] = cos[(b * L + pos) * D + r], sn[r] = sin[(b * L + pos) * D + r];
+  };
+  auto rope = [&](acc_t* t) {  // t rotated in place by the row loaded last
+    std::copy(t, t + D, x.begin());
+    rotate<acc_t>(x.data(), c.data(), sn.data(), t, D, acc_t(1));
+  };
   for (int64_t i = std::max<int64_t>(0, W - P); i < T; ++i) {  // earlier queries: nothing has left the window
     const int64_t e = P + i - W;
     const scalar_t* kp = k.at(b, h, e);
     const scalar_t* vp = v.at(b, h, e);
-    const acc_t* gp = g.at(b, h, e);
-    std::copy(gp, gp + D, decay.begin());
-    exp_shifted(decay.data(), D, acc_t(0));
+    if (logits.p) {
+      decay_from_logits<scalar_t, acc_t>(logits.at(b, e, s, h, D), decay.data(), D, acc_t(logits.inv_normalizer),
+                                         acc_t(logits.gate_min));
+    } else {
+      const acc_t* gp = g.at(b, h, e);
+      std::copy(gp, gp + D, decay.begin());
+      exp_shifted(decay.data(), D, acc_t(0));
+    }
     for (int64_t r = 0; r < D; ++r) {
       kk[r] = kp[r];
       vv[r] = vp[r];
     }
+    if (cos) row(e), rope(kk.data());
+    if (cos) row(P + i);
     for (int64_t gq = 0; gq < G; ++gq) {
       const scalar_t* qp = q.at(b, h * G + gq, i);
-      for (int64_t r = 0; r < D; ++r) qq[gq * D + r] = acc_t(qp[r]) * scale;
+      acc_t* qg = qq.data() + gq * D;
+      for (int64_t r = 0; r < D; ++r) qg[r] = acc_t(qp[r]);
+      if (cos) rope(qg);
+      for (int64_t r = 0; r < D; ++r) qg[r] *= scale;
     }
     if (fast) {
       fast(S, decay.data(), kk.data(), vv.data(), qq.data(), reads + i * D, T * D);
@@ -544,38 +621,116 @@ inline void window_head(const acc_t* qq, const acc_t* kt, int64_t Lp, const acc_
   }
 }
 
+#if defined(__AVX512F__)
+template <int G>
+void window_group64(const float* qq, const float* kt, int64_t Lp, const float* vt, int64_t n, const float* w,
+                    float* sc, int64_t sc_stride, float* out) {
+  // window_head for the G query heads of one KV head at once (head_dim 64, float): each key row
+  // loaded feeds G heads, each query broadcast feeds two blocks of 16 keys, and the G x 4 output
+  // registers accumulate independently. qq (G, 64) scaled queries; sc (G, sc_stride) scores; out
+  // (G, 64) +=. Reads keys up to 31 past the last one: kt's padding.
+  for (int64_t tb = 0; tb < n; tb += 32) {
+    __m512 a[G][2][2];
+    for (int g = 0; g < G; ++g)
+      for (int x = 0; x < 2; ++x) a[g][x][0] = a[g][x][1] = _mm512_setzero_ps();
+    for (int64_t d = 0; d < 64; d += 2) {
+      for (int u = 0; u < 2; ++u) {
+        const float* kd = kt + (d + u) * Lp + tb;
+        const __m512 k0 = _mm512_loadu_ps(kd), k1 = _mm512_loadu_ps(kd + 16);
+        for (int g = 0; g < G; ++g) {
+          const __m512 qb = _mm512_set1_ps(qq[g * 64 + d + u]);
+          a[g][0][u] = _mm512_fmadd_ps(qb, k0, a[g][0][u]);
+          a[g][1][u] = _mm512_fmadd_ps(qb, k1, a[g][1][u]);
+        }
+      }
+    }
+    for (int g = 0; g < G; ++g) {
+      _mm512_storeu_ps(sc + g * sc_stride + tb, _mm512_add_ps(a[g][0][0], a[g][0][1]));
+      _mm512_storeu_ps(sc + g * sc_stride + tb + 16, _mm512_add_ps(a[g][1][0], a[g][1][1]));
+    }
+  }
+  float scale[G];
+  for (int g = 0; g < G; ++g) {
+    float* sg = sc + g * sc_stride;
+    __m512 mx = _mm512_set1_ps(-INFINITY);
+    for (int64_t t = 0; t < n; t += 16) {
+      const __mmask16 m = n - t >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - t)) - 1);
+      mx = _mm512_mask_max_ps(mx, m, mx, _mm512_loadu_ps(sg + t));
+    }
+    scale[g] = w[g] / exp_shifted(sg, n, _mm512_reduce_max_ps(mx));
+  }
+  __m512 o[G][4];
+  for (int g = 0; g < G; ++g)
+    for (int j = 0; j < 4; ++j) o[g][j] = _mm512_setzero_ps();
+  for (int64_t t = 0; t < n; ++t) {
+    const float* vr = vt + t * 64;
+    const __m512 v0 = _mm512_loadu_ps(vr), v1 = _mm512_loadu_ps(vr + 16), v2 = _mm512_loadu_ps(vr + 32),
+                 v3 = _mm512_loadu_ps(vr + 48);
+    for (int g = 0; g < G; ++g) {
+      const __m512 p = _mm512_set1_ps(sc[g * sc_stride + t]);
+      o[g][0] = _mm512_fmadd_ps(p, v0, o[g][0]);
+      o[g][1] = _mm512_fmadd_ps(p, v1, o[g][1]);
+      o[g][2] = _mm512_fmadd_ps(p, v2, o[g][2]);
+      o[g][3] = _mm512_fmadd_ps(p, v3, o[g][3]);
+    }
+  }
+  for (int g = 0; g < G; ++g) {
+    const __m512 sg = _mm512_set1_ps(scale[g]);
+    for (int j = 0; j < 4; ++j) {
+      float* dst = out + g * 64 + j * 16;
+      _mm512_storeu_ps(dst, _mm512_fmadd_ps(sg, o[g][j], _mm512_loadu_ps(dst)));
+    }
+  }
+}
+
+using WindowGroupFn = void (*)(const float*, const float*, int64_t, const float*, int64_t, const float*, float*,
+                               int64_t, float*);
+inline WindowGroupFn window_group_fn(int64_t D, int64_t G) {
+  if (D != 64) return nullptr;
+  switch (G) {
+    case 1: return window_group64<1>;
+    case 2: return window_group64<2>;
+    case 3: return window_group64<3>;
+    case 4: return window_group64<4>;
+    default: return nullptr;
+  }
+}
+#endif
+
 template <typename scalar_t, typename acc_t>
 std::vector<at::Tensor> scan_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& g_far,
-                                  const at::Tensor& g_close, at::Tensor state, const at::Tensor& mix,
-                                  const at::Tensor& gain, const at::Tensor& q_rot, const at::Tensor& k_rot,
-                                  const at::Tensor& v_win, const at::Tensor& cos, const at::Tensor& sin,
-                                  const at::Tensor& og, const at::Tensor& og_b, int64_t W, double scale,
-                                  double window_scale, bool normalize, double eps) {
+                                  const at::Tensor& g_close, const GateLogits<scalar_t>& logits, at::Tensor state,
+                                  const at::Tensor& mix, const at::Tensor& gain, const at::Tensor& q_rot,
+                                  const at::Tensor& k_rot, const at::Tensor& v_win, const at::Tensor& cos,
+                                  const at::Tensor& sin, bool rope_states, const at::Tensor& og, const at::Tensor& og_b,
+                                  int64_t W, double scale, double window_scale, bool normalize, double eps) {
   const int64_t B = q.size(0), Hq = q.size(1), T = q.size(2), D = q.size(3);
   const int64_t Hkv = k.size(1), L = k.size(2), G = Hq / Hkv, P = L - T, n_mix = mix.size(1);
   at::Tensor reads = at::zeros({2, B, Hq, T, D}, state.options());
   acc_t* reads_p = reads.data_ptr<acc_t>();
   acc_t* st = state.data_ptr<acc_t>();
   const View4<scalar_t> qv(q), kv(k), vv(v);
-  const View4<acc_t> gv[2] = {View4<acc_t>(g_far), View4<acc_t>(g_close)};
+  const View4<acc_t> gv[2] = {View4<acc_t>(logits.p ? state : g_far), View4<acc_t>(logits.p ? state : g_close)};
+  const bool rope = cos.numel() > 0;
+  const scalar_t* cos_p = rope ? cos.data_ptr<scalar_t>() : nullptr;
+  const scalar_t* sin_p = rope ? sin.data_ptr<scalar_t>() : nullptr;
   at::parallel_for(0, 2 * B * Hkv, 1, [&](int64_t t0, int64_t t1) {
     const FlushDenormals ftz;
     for (int64_t task = t0; task < t1; ++task) {  // (state, sequence, KV head), the states' layout
       const int64_t s = task / (B * Hkv), b = (task / Hkv) % B, h = task % Hkv;
       acc_t* rd = reads_p + ((s * B + b) * Hq + h * G) * T * D;
-      scan_state<scalar_t, acc_t>(qv, kv, vv, gv[s], b, h, G, T, P, W, D, acc_t(scale), st + task * D * D, rd);
+      scan_state<scalar_t, acc_t>(qv, kv, vv, gv[s], logits, rope_states ? cos_p : nullptr,
+                                  rope_states ? sin_p : nullptr, s, b, h, G, T, P, W, D, acc_t(scale),
+                                  st + task * D * D, rd);
     }
   });
 
-  // The window's keys transposed, (B, Hkv, D, L + lanes) (zero padding: whole registers of scores
+  // The window's keys transposed, (B, Hkv, D, L + 2 lanes) (zero padding: whole registers of scores
   // are computed past the last key and ignored), and values, (B, Hkv, L, D), in acc_t: a query's
   // scores over its W keys are then vector FMAs along the keys, with no horizontal sums.
   // With cos/sin given the window's q and k arrive un-rotated and RoPE is applied here.
   constexpr int64_t lanes = 64 / sizeof(acc_t);
-  const int64_t Lp = L + lanes;
-  const bool rope = cos.numel() > 0;
-  const scalar_t* cos_p = rope ? cos.data_ptr<scalar_t>() : nullptr;
-  const scalar_t* sin_p = rope ? sin.data_ptr<scalar_t>() : nullptr;
+  const int64_t Lp = L + 2 * lanes;
   at::Tensor keys_t, vals;
   if (W) {
     keys_t = at::zeros({B, Hkv, D, Lp}, state.options());
@@ -603,7 +758,8 @@ std::vector<at::Tensor> scan_impl(const at::Tensor& q, const at::Tensor& k, cons
   const acc_t* kt_p = W ? keys_t.data_ptr<acc_t>() : nullptr;
   const acc_t* v_p = W ? vals.data_ptr<acc_t>() : nullptr;
 
-  // Phase 2, per token: RMS norm and gain of each state's read, the window, the mixing.
+  // Phase 2, per token: the window of every KV head's query group, then per query head the RMS norm
+  // and gain of each state's read, the mixing and the output gate.
   at::Tensor o = at::empty({B, T, Hq, D}, q.options());
   scalar_t* o_p = o.data_ptr<scalar_t>();
   const acc_t* mix_p = mix.data_ptr<acc_t>();
@@ -612,54 +768,88 @@ std::vector<at::Tensor> scan_impl(const at::Tensor& q, const at::Tensor& k, cons
   const bool gated = og.numel() > 0;  // output gate: out *= 2 sigmoid(og + og_b)
   const View4<scalar_t> ogv(gated ? og : q);
   const acc_t* ogb_p = gated ? og_b.data_ptr<acc_t>() : nullptr;
+#if defined(__AVX512F__)
+  WindowGroupFn group_fn = nullptr;
+  if constexpr (std::is_same_v<acc_t, float>) group_fn = window_group_fn(D, G);
+#endif
+  const int64_t sc_stride = W + 2 * lanes;
   at::parallel_for(0, B * T, 16, [&](int64_t t0, int64_t t1) {
     const FlushDenormals ftz;
-    std::vector<acc_t> out(D), qq(D), qa(D), c(D), sn(D), e(D), scores(W + lanes);
+    std::vector<acc_t> outs(Hq * D), qq(Hq * D), qa(D), c(D), sn(D), e(D), w(G), scores(G * sc_stride);
     for (int64_t it = t0; it < t1; ++it) {
       const int64_t b = it / T, i = it % T;
       const bool has_state = P + i - W >= 0;
-      if (W && rope) {  // the query's position P + i: one rotary row for all its heads
-        const int64_t row = (b * L + P + i) * D;
-        for (int64_t j = 0; j < D; ++j) c[j] = cos_p[row + j], sn[j] = sin_p[row + j];
+      std::fill(outs.begin(), outs.end(), acc_t(0));
+      if (W) {  // softmax over the n keys c0 - n + 1 .. c0, c0 = P + i: the query's own among them
+        if (rope) {  // the query's position P + i: one rotary row for all its heads
+          const int64_t row = (b * L + P + i) * D;
+          for (int64_t j = 0; j < D; ++j) c[j] = cos_p[row + j], sn[j] = sin_p[row + j];
+        }
+        const acc_t ws = acc_t(window_scale);
+        for (int64_t hq = 0; hq < Hq; ++hq) {
+          const scalar_t* qp = qr.at(b, hq, i);
+#pragma omp simd
+          for (int64_t j = 0; j < D; ++j) qa[j] = acc_t(qp[j]) * ws;
+          if (rope) {
+            rotate<acc_t>(qa.data(), c.data(), sn.data(), qq.data() + hq * D, D, acc_t(1));
+          } else {
+            std::copy(qa.begin(), qa.end(), qq.begin() + hq * D);
+          }
+        }
+        const int64_t c0 = P + i, lo = std::max<int64_t>(0, c0 - W + 1), n = c0 - lo + 1;
+        for (int64_t h = 0; h < Hkv; ++h) {
+          for (int64_t g = 0; g < G; ++g) w[g] = has_state ? mix_p[(h * G + g) * n_mix + 2] : acc_t(1);
+          const acc_t* kt = kt_p + (b * Hkv + h) * D * Lp + lo;
+          const acc_t* vt = v_p + ((b * Hkv + h) * L + lo) * D;
+          acc_t* out = outs.data() + h * G * D;
+#if defined(__AVX512F__)
+          if constexpr (std::is_same_v<acc_t, float>) {
+            if (group_fn) {
+              group_fn(qq.data() + h * G * D, kt, Lp, vt, n, w.data(), scores.data(), sc_stride, out);
+              continue;
+            }
+          }
+#endif
+          for (int64_t g = 0; g < G; ++g) {
+            const acc_t* qh = qq.data() + (h * G + g) * D;
+            acc_t* oh = out + g * D;
+            if (D == 64) {
+              window_head<acc_t, 64>(qh, kt, Lp, vt, n, w[g], scores.data(), oh, D);
+            } else if (D == 128) {
+              window_head<acc_t, 128>(qh, kt, Lp, vt, n, w[g], scores.data(), oh, D);
+            } else {
+              window_head<acc_t, 0>(qh, kt, Lp, vt, n, w[g], scores.data(), oh, D);
+            }
+          }
+        }
       }
       for (int64_t hq = 0; hq < Hq; ++hq) {
-        std::fill(out.begin(), out.end(), acc_t(0));
+        acc_t* out = outs.data() + hq * D;
         for (int64_t s = 0; s < 2 && has_state; ++s) {
           const acc_t* rd = reads_p + (((s * B + b) * Hq + hq) * T + i) * D;
           acc_t norm = 1;
           if (normalize) norm = acc_t(1) / std::sqrt(dot(rd, rd, D) / acc_t(D) + acc_t(eps));
-          const acc_t w = mix_p[hq * n_mix + s] * norm;
+          const acc_t ws = mix_p[hq * n_mix + s] * norm;
 #pragma omp simd
-          for (int64_t j = 0; j < D; ++j) out[j] += w * rd[j] * (gain_p ? gain_p[hq * D + j] : acc_t(1));
-        }
-        if (W) {  // softmax over the n keys c0 - n + 1 .. c0, c0 = P + i: the query's own among them
-          const int64_t h = hq / G, c0 = P + i, lo = std::max<int64_t>(0, c0 - W + 1), n = c0 - lo + 1;
-          const scalar_t* qp = qr.at(b, hq, i);
-          for (int64_t j = 0; j < D; ++j) qa[j] = acc_t(qp[j]) * acc_t(window_scale);
-          if (rope) {
-            rotate<acc_t>(qa.data(), c.data(), sn.data(), qq.data(), D, acc_t(1));
-          } else {
-            std::copy(qa.begin(), qa.end(), qq.begin());
-          }
-          const acc_t w = has_state ? mix_p[hq * n_mix + 2] : acc_t(1);
-          const acc_t* kt = kt_p + (b * Hkv + h) * D * Lp + lo;
-          const acc_t* vt = v_p + ((b * Hkv + h) * L + lo) * D;
-          if (D == 64) {
-            window_head<acc_t, 64>(qq.data(), kt, Lp, vt, n, w, scores.data(), out.data(), D);
-          } else if (D == 128) {
-            window_head<acc_t, 128>(qq.data(), kt, Lp, vt, n, w, scores.data(), out.data(), D);
-          } else {
-            window_head<acc_t, 0>(qq.data(), kt, Lp, vt, n, w, scores.data(), out.data(), D);
-          }
+          for (int64_t j = 0; j < D; ++j) out[j] += ws * rd[j] * (gain_p ? gain_p[hq * D + j] : acc_t(1));
         }
         if (gated) {  // 2 sigmoid(x) from exp(-|x|) (arguments <= 0, as exp_shifted takes them)
           const scalar_t* gp = ogv.at(b, hq, i);
-          for (int64_t j = 0; j < D; ++j) qa[j] = acc_t(gp[j]) + ogb_p[hq * D + j], e[j] = -std::abs(qa[j]);
+          const acc_t* gb = ogb_p + hq * D;
+#pragma omp simd
+          for (int64_t j = 0; j < D; ++j) qa[j] = acc_t(gp[j]) + gb[j], e[j] = -std::abs(qa[j]);
           exp_shifted(e.data(), D, acc_t(0));
+#pragma omp simd
           for (int64_t j = 0; j < D; ++j) out[j] *= acc_t(2) * (qa[j] >= 0 ? acc_t(1) : e[j]) / (acc_t(1) + e[j]);
         }
         scalar_t* dst = o_p + ((b * T + i) * Hq + hq) * D;
-        for (int64_t j = 0; j < D; ++j) dst[j] = static_cast<scalar_t>(out[j]);
+        int64_t j = 0;
+#if defined(__AVX512F__)
+        if constexpr (std::is_same_v<acc_t, float>) {
+          for (; j + 16 <= D; j += 16) store16(dst + j, round16(dst, _mm512_loadu_ps(out + j)));
+        }
+#endif
+        for (; j < D; ++j) dst[j] = static_cast<scalar_t>(out[j]);
       }
     }
   });
@@ -886,25 +1076,6 @@ at::Tensor rms_norm_impl(const at::Tensor& x, const at::Tensor& weight, double e
   return y;
 }
 
-#if defined(__AVX512F__)
-// 16 lanes of float or bfloat16 <-> float; bfloat16 stores round to nearest even, as ATen's casts do.
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const c10::BFloat16* p) {
-  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-inline __m512 round16(const float*, __m512 x) { return x; }
-inline __m512 round16(const c10::BFloat16*, __m512 x) {  // x rounded to bfloat16's precision, as float (finite x)
-  const __m512i b = _mm512_castps_si512(x);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
-  const __m512i r = _mm512_add_epi32(b, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
-  return _mm512_castsi512_ps(_mm512_and_si512(r, _mm512_set1_epi32(int(0xFFFF0000u))));
-}
-inline void store16(float* p, __m512 x) { _mm512_storeu_ps(p, x); }
-inline void store16(c10::BFloat16* p, __m512 x) {  // x already rounded (round16): truncation is exact
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(x), 16)));
-}
-#endif
 
 template <typename scalar_t>
 at::Tensor silu_mul_impl(const at::Tensor& gate_up) {
@@ -978,8 +1149,9 @@ std::vector<at::Tensor> dsla_decode_step(
 }
 
 std::vector<at::Tensor> dsla_scan(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor g_far, at::Tensor g_close,
-                                  at::Tensor state, at::Tensor mix, at::Tensor gain, at::Tensor q_rot, at::Tensor k_rot,
-                                  at::Tensor v_win, at::Tensor cos, at::Tensor sin, at::Tensor og, at::Tensor og_b,
+                                  at::Tensor gate_logits, double gate_normalizer, double gate_min, at::Tensor state,
+                                  at::Tensor mix, at::Tensor gain, at::Tensor q_rot, at::Tensor k_rot, at::Tensor v_win,
+                                  at::Tensor cos, at::Tensor sin, bool rope_states, at::Tensor og, at::Tensor og_b,
                                   int64_t W, double scale, double window_scale, bool normalize, double eps) {
   TORCH_CHECK(q.device().is_cpu(), "dsla_scan runs on the CPU");
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "q, k, v must be (B, H, T, D)");
@@ -992,17 +1164,31 @@ std::vector<at::Tensor> dsla_scan(at::Tensor q, at::Tensor k, at::Tensor v, at::
               "state must be contiguous (2, B, Hkv, D, D)");
   auto last_contiguous = [](const at::Tensor& t) { return t.size(-1) <= 1 || t.stride(-1) == 1 ? t : t.contiguous(); };
   q = last_contiguous(q), k = last_contiguous(k), v = last_contiguous(v);
-  g_far = last_contiguous(g_far), g_close = last_contiguous(g_close);
+  const bool from_logits = gate_logits.numel() > 0;
+  if (from_logits) {
+    TORCH_CHECK(gate_logits.dim() == 5 && gate_logits.size(0) == B && gate_logits.size(1) == L &&
+                    (gate_logits.size(2) == 1 || gate_logits.size(2) == 2) && gate_logits.size(3) == Hkv &&
+                    gate_logits.size(4) == D && gate_logits.scalar_type() == q.scalar_type(),
+                "gate_logits must be (B, L, 1 | 2, Hkv, D) in q's dtype");
+    TORCH_CHECK(gate_normalizer > 0, "gate_normalizer must be > 0");
+    gate_logits = gate_logits.contiguous();
+  } else {
+    g_far = last_contiguous(g_far), g_close = last_contiguous(g_close);
+    TORCH_CHECK(g_far.sizes() == k.sizes() && g_close.sizes() == k.sizes(), "gates must be shaped like k");
+  }
   if (W) {
     TORCH_CHECK(q_rot.sizes() == q.sizes() && k_rot.sizes() == k.sizes() && v_win.sizes() == v.sizes(),
                 "q_rot, k_rot, v_win must match q, k, v");
     q_rot = last_contiguous(q_rot), k_rot = last_contiguous(k_rot), v_win = last_contiguous(v_win);
-    if (cos.numel()) {
-      TORCH_CHECK(cos.dim() == 3 && cos.size(0) == B && cos.size(1) == L && cos.size(2) == D && cos.sizes() == sin.sizes(),
-                  "cos/sin must be (B, L, D): the window's positions");
-      TORCH_CHECK(cos.scalar_type() == q.scalar_type() && sin.scalar_type() == q.scalar_type(), "cos/sin need q's dtype");
-      cos = cos.contiguous(), sin = sin.contiguous();
-    }
+  }
+  TORCH_CHECK(!rope_states || cos.numel(), "rope_states needs cos/sin");
+  if (cos.numel() && (W || rope_states)) {
+    TORCH_CHECK(cos.dim() == 3 && cos.size(0) == B && cos.size(1) == L && cos.size(2) == D && cos.sizes() == sin.sizes(),
+                "cos/sin must be (B, L, D): the keys' positions");
+    TORCH_CHECK(cos.scalar_type() == q.scalar_type() && sin.scalar_type() == q.scalar_type(), "cos/sin need q's dtype");
+    cos = cos.contiguous(), sin = sin.contiguous();
+  } else {
+    cos = sin = at::empty({0}, q.options());
   }
   if (og.numel()) {
     TORCH_CHECK(og.sizes() == q.sizes() && og.scalar_type() == q.scalar_type(), "og must be shaped and typed like q");
@@ -1016,7 +1202,6 @@ std::vector<at::Tensor> dsla_scan(at::Tensor q, at::Tensor k, at::Tensor v, at::
   for (const at::Tensor* t : {&g_far, &g_close, &mix, &gain}) {
     TORCH_CHECK(t->numel() == 0 || t->scalar_type() == state.scalar_type(), "gates, mixing and gain need the state dtype");
   }
-  TORCH_CHECK(g_far.sizes() == k.sizes() && g_close.sizes() == k.sizes(), "gates must be shaped like k");
   TORCH_CHECK(mix.dim() == 2 && mix.size(0) == Hq && mix.size(1) == (W ? 3 : 2) && mix.is_contiguous(),
               "mix must be contiguous (Hq, 2), (Hq, 3) with a window");
   TORCH_CHECK(gain.numel() == 0 || (gain.numel() == Hq * D && gain.is_contiguous()), "gain must be (Hq, D)");
@@ -1024,8 +1209,12 @@ std::vector<at::Tensor> dsla_scan(at::Tensor q, at::Tensor k, at::Tensor v, at::
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "dsla_scan", [&] {
     using acc = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     TORCH_CHECK(state.scalar_type() == c10::CppTypeToScalarType<acc>::value, "state must be float32 (float64 model: float64)");
-    out = scan_impl<scalar_t, acc>(q, k, v, g_far, g_close, state, mix, gain, q_rot, k_rot, v_win, cos, sin, og, og_b,
-                                   W, scale, window_scale, normalize, eps);
+    GateLogits<scalar_t> logits;
+    if (from_logits) {
+      logits = {gate_logits.data_ptr<scalar_t>(), gate_logits.size(2), L, Hkv, 1.0 / gate_normalizer, gate_min};
+    }
+    out = scan_impl<scalar_t, acc>(q, k, v, g_far, g_close, logits, state, mix, gain, q_rot, k_rot, v_win, cos, sin,
+                                   rope_states, og, og_b, W, scale, window_scale, normalize, eps);
   });
   return out;
 }
