@@ -120,3 +120,22 @@ def test_fold_kv_cache_equals_dsla_prefill_state(rope):
 def test_unsupported_module_is_rejected(tiny):
     with pytest.raises(TypeError, match="q_proj"):
         DSLAAttention(torch.nn.Linear(2, 2), tiny.config, 0)
+
+
+def test_prefill_output_merges_the_o_adapter(tiny):
+    """Without autograd, over more than MERGED_O_MIN_ROWS tokens, o_proj and the o adapter run as one
+    merged matrix: the same output as o_proj(o) + B·A·o, and the merge follows the adapter's updates."""
+    from dsla_serve.layers.dsla_attention import MERGED_O_MIN_ROWS
+
+    tiny = tiny.double()
+    layer = convert(tiny, [1], config=DSLAConfig(adapter_rank=3, adapters="o"))[1]
+    ada = layer.adapters["o"]
+    o = torch.randn(2, MERGED_O_MIN_ROWS + 5, layer.o_proj.in_features, dtype=torch.float64)
+    for _ in range(2):
+        with torch.no_grad():
+            ada.B.normal_()  # zero at initialisation: give it weight (and change it between the calls)
+            merged = layer.output(o)
+        separate = layer.o_proj(o) + ada(o)  # with autograd: the unmerged path
+        assert separate.requires_grad and not merged.requires_grad
+        torch.testing.assert_close(merged, separate.detach(), rtol=1e-12, atol=1e-12)
+    assert ada.B.any()

@@ -50,6 +50,7 @@ CASES = {  # B, Hq, Hkv, T, P, W, D
     "shorter-than-window": (1, 3, 3, 3, 0, 8, 16),  # no token leaves the window: states untouched
     "prefix-full-window": (2, 6, 2, 40, 4, 4, 128),
     "one-token": (1, 2, 1, 1, 2, 2, 4),
+    "several-chunks": (2, 6, 2, 531, 3, 5, 64),  # the scan's phases run by chunks of 256 tokens
 }
 
 
@@ -74,10 +75,11 @@ def test_scan_unnormalised_without_gain():
 
 
 @pytest.mark.parametrize("spread", [1.0, 30.0])
-def test_scan_float32_close_to_reference(spread):
-    """float32 takes the vectorised exp and flushes denormals: with window scores spread over
-    hundreds (most softmax weights underflow) the result still matches the float64 reference."""
-    case = CASES["window-fast-path"]
+@pytest.mark.parametrize("case", ["window-fast-path", "several-chunks"])
+def test_scan_float32_close_to_reference(spread, case):
+    """float32 takes the vectorised exp, the grouped window and flushes denormals: with window scores
+    spread over hundreds (most softmax weights underflow) the result still matches the float64 reference."""
+    case = CASES[case]
     ref_args, ref_kw = inputs(*case, spread=spread)
     args, kw = inputs(*case, dtype=torch.float32, spread=spread)
     o_ref, s_ref = naive_dsla(*ref_args, **ref_kw)
