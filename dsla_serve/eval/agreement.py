@@ -61,11 +61,15 @@ def greedy(model: HybridModel, prompts: Tensor, plan: list[int], new_tokens: int
 
 
 @torch.no_grad()
-def continuation_kl(model: HybridModel, prompts: Tensor, cont: Tensor, plan: list[int]) -> Tensor:
-    """KL(teacher || student) per sequence (B,), mean over the positions that predict ``cont`` (B, n)."""
+def continuation_kl(
+    model: HybridModel, prompts: Tensor, cont: Tensor, plan: list[int], teacher_model: HybridModel | None = None
+) -> Tensor:
+    """KL(teacher || student) per sequence (B,), mean over the positions that predict ``cont`` (B, n).
+    The teacher is ``teacher_model`` (default: ``model``) with every layer attention."""
     ids = torch.cat([prompts, cont], 1).to(model.device)
     sl = slice(prompts.shape[1] - 1, ids.shape[1] - 1)  # logits at these positions predict cont
-    teacher = torch.log_softmax(model(ids, dsla_layers=[])[0][:, sl].float(), -1)
+    teacher_model = model if teacher_model is None else teacher_model
+    teacher = torch.log_softmax(teacher_model(ids, dsla_layers=[])[0][:, sl].float(), -1)
     student = torch.log_softmax(model(ids, dsla_layers=plan)[0][:, sl].float(), -1)
     return (teacher.exp() * (teacher - student)).sum(-1).mean(-1).cpu()
 
@@ -91,12 +95,14 @@ def teacher_continuations(
 
 def agreement_by_level(
     model: HybridModel, prompts: list[tuple[str, list[int]]], order: list[int], levels: list[float],
-    new_tokens: int = 32, batch: int = 8, reference: Tensor | None = None,
+    new_tokens: int = 32, batch: int = 8, reference: Tensor | None = None, teacher: HybridModel | None = None,
 ) -> list[dict]:  # fmt: skip
     """One row per level: overall and per-domain agreement, prefix match and KL (see module doc).
 
     ``reference``: ``teacher_continuations`` of these prompts when already known (checkpoints of one
-    base model share them), so the teacher's greedy decode is not run again.
+    base model share them), so the teacher's greedy decode is not run again. ``teacher``: the
+    all-attention model scored against when it is not ``model`` itself (the same weights in another
+    precision: level 0 then measures what the precision alone changes).
     """
     for level in levels:
         if not 0 <= level <= 1:
@@ -107,7 +113,7 @@ def agreement_by_level(
     ids = torch.tensor([p for _, p in prompts])  # (N, T): equal lengths by construction
     chunks = [slice(i, i + batch) for i in range(0, len(ids), batch)]
     if reference is None:
-        reference = teacher_continuations(model, prompts, new_tokens, batch)  # (N, n)
+        reference = teacher_continuations(model if teacher is None else teacher, prompts, new_tokens, batch)  # (N, n)
     elif reference.shape != (len(ids), new_tokens):
         raise ValueError(f"reference is {tuple(reference.shape)}, expected {(len(ids), new_tokens)}")
     keys = ("agreement", "prefix_match", "kl_per_token")
@@ -116,7 +122,7 @@ def agreement_by_level(
         plan = sorted(order[: round(level * len(order))])
         student = torch.cat([greedy(model, ids[c], plan, new_tokens) for c in chunks])
         match, prefix = agreement_scores(reference, student)
-        kl = torch.cat([continuation_kl(model, ids[c], reference[c], plan) for c in chunks])
+        kl = torch.cat([continuation_kl(model, ids[c], reference[c], plan, teacher) for c in chunks])
         rows = [{"domain": d, "agreement": m, "prefix_match": p, "kl_per_token": max(k, 0.0)}  # >= 0 up to rounding
                 for d, m, p, k in zip(domains, match.tolist(), prefix.tolist(), kl.tolist(), strict=True)]  # fmt: skip
         per_domain = {d: summarize([r for r in rows if r["domain"] == d], keys) for d in dict.fromkeys(domains)}

@@ -109,6 +109,9 @@ def agreement(
     model: str = typer.Option(None),
     weights: str = typer.Option("auto", help="DSLA checkpoint dir ('auto': shipped for the default model)."),
     dtype: str = typer.Option("float32"),
+    reference_dtype: str = typer.Option(
+        None, help="Teacher (all attention) in this precision instead of --dtype; level 0 then measures the precision."
+    ),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """How closely each hybrid's greedy continuation follows the all-attention model's, and their KL."""
@@ -130,16 +133,17 @@ def agreement(
         err.print(f"[red]error:[/red] {e}" + ("" if data else " (build it with `dsla-serve data corpus`)"))
         raise typer.Exit(2) from e
     hybrid, tok, info = load(model, weights, dtype)
+    teacher = load(model, "none", reference_dtype)[0] if reference_dtype and reference_dtype != dtype else None
     start = time.perf_counter()
     try:
         picked = corpus_prompts(texts, tok, prompts, prompt_tokens)
-        rows = agreement_by_level(hybrid, picked, info.order, levels, new_tokens)
+        rows = agreement_by_level(hybrid, picked, info.order, levels, new_tokens, teacher=teacher)
     except ValueError as e:
         err.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from e
     result = {"model": info.model, "weights": info.weights, "order": info.order, "undistilled": info.undistilled,
               "data": source, "prompts": len(picked), "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
-              "teacher": "conversion 0 (all attention)", "reported": {
+              "dtype": dtype, "teacher": f"conversion 0 (all attention), {reference_dtype or dtype}", "reported": {
                   "agreement": "position-wise fraction of the student's greedy tokens equal to the teacher's",
                   "prefix_match": "fraction of tokens before the first divergence",
                   "kl_per_token": "mean KL(teacher || student) in nats, teacher-forced on the teacher's tokens"},

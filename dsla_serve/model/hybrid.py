@@ -319,7 +319,10 @@ class HybridModel(nn.Module):
         """Softmax attention with RoPE; appends to each sequence's KV cache. Returns (B, T, Hq*D)."""
         B, Hq, T, D = q.shape
         Hkv = self.num_kv_heads
-        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        if T > 1 and native_ok(q):  # prefill: one C++ pass each (contiguous, as SDPA reads them best)
+            q, k = native.rope(q, cos, sin), native.rope(k, cos, sin)
+        else:
+            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         if cache is None:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=True)
             return o.transpose(1, 2).reshape(B, T, -1)

@@ -67,6 +67,20 @@ def test_eval_agreement_json(tiny_checkpoint, corpus):
         assert 0 <= row["prefix_match"] <= row["agreement"] <= 1 and 0 <= row["kl_per_token"] < 50
 
 
+def test_eval_agreement_against_a_teacher_in_another_precision(tiny_checkpoint, corpus):
+    """--reference-dtype: the all-attention teacher runs in float32, the students in bfloat16, so level 0
+    measures what bfloat16 alone changes (against itself it would score agreement 1 and KL 0)."""
+    out = json.loads(run_cli("eval", "agreement", "--model", str(tiny_checkpoint), "--weights", "none", "--data",
+                             str(corpus), "--prompts", "4", "--prompt-tokens", "16", "--new-tokens", "8",
+                             "--conversion", "0", "--dtype", "bfloat16", "--reference-dtype", "float32",
+                             "--json").stdout)  # fmt: skip
+    assert out["dtype"] == "bfloat16" and out["teacher"].endswith("float32")
+    (zero,) = out["levels"]
+    assert zero["dsla_layers"] == [] and 0 <= zero["kl_per_token"] < 0.05
+    assert zero["agreement"] < 1 or zero["kl_per_token"] > 0  # scored against itself it would be 1 and 0
+    assert 0 <= zero["prefix_match"] <= zero["agreement"] <= 1
+
+
 def test_agreement_scores_positionwise_vs_prefix():
     teacher = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]])
     student = torch.tensor([[1, 9, 3, 4], [5, 6, 7, 8]])

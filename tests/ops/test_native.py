@@ -182,6 +182,26 @@ def test_rms_norm_and_silu_mul_against_float64(dtype):
             assert ((ours.float() - aten.float()).abs()[differ] <= ulp).all()
 
 
+@pytest.mark.parametrize("D", [64, 6])  # 64: the vector path; 6: half not a multiple of 16 lanes
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_rope_against_float64(dtype, D):
+    """The one-pass RoPE of a strided (B, H, T, D) view (as attention's q/k come out of the fused
+    projection) against the float64 formula; a contiguous result; bfloat16 rounded once."""
+    from dsla_serve.ops.naive import rotate
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 13, 5, D, generator=g, dtype=torch.float64).transpose(1, 2)  # (B, H, T, D), strided
+    angle = torch.rand(2, 13, D // 2, generator=g, dtype=torch.float64) * 50
+    cos, sin = torch.cat([angle.cos()] * 2, -1), torch.cat([angle.sin()] * 2, -1)
+    out = native.rope(x.to(dtype), cos.to(dtype), sin.to(dtype))
+    assert out.shape == x.shape and out.is_contiguous() and out.dtype == dtype
+    ref = rotate(x.to(dtype).double(), cos.to(dtype).double(), sin.to(dtype).double())
+    tol = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 2**-8}[dtype]
+    torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol)
+    if dtype == torch.bfloat16:  # rounded once: the nearest bfloat16 of the float result
+        assert (out == ref.float().to(dtype)).float().mean().item() > 0.99
+
+
 @torch.no_grad()
 def test_single_sequence_step_and_native_norm_mlp(monkeypatch):
     """Batch 1 (the slot tensor each state layer keeps) steps as the Python path does in float64, and a

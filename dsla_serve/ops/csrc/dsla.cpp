@@ -1126,6 +1126,45 @@ at::Tensor silu_mul_impl(const at::Tensor& gate_up) {
   return y;
 }
 
+template <typename scalar_t>
+at::Tensor rope_impl(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+  // Llama's rotary embedding of x (B, H, T, D) (last axis contiguous) with cos/sin (B, T, D): out (B, H,
+  // T, D) contiguous, computed in float (double for float64) and rounded once.
+  using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  const int64_t B = x.size(0), H = x.size(1), T = x.size(2), D = x.size(3), half = D / 2;
+  at::Tensor out = at::empty({B, H, T, D}, x.options());
+  const View4<scalar_t> xv(x);
+  const scalar_t *c_p = cos.data_ptr<scalar_t>(), *s_p = sin.data_ptr<scalar_t>();
+  scalar_t* o_p = out.data_ptr<scalar_t>();
+  at::parallel_for(0, B * H * T, 64, [&](int64_t r0, int64_t r1) {
+    std::vector<acc_t> a(D), c(D), sn(D), o(D);
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t b = r / (H * T), h = (r / T) % H, t = r % T;
+      const scalar_t* xp = xv.at(b, h, t);
+      const scalar_t *cp = c_p + (b * T + t) * D, *sp = s_p + (b * T + t) * D;
+      scalar_t* op = o_p + r * D;
+#if defined(__AVX512F__)
+      if constexpr (!std::is_same_v<scalar_t, double>) {
+        if (half % 16 == 0) {
+          for (int64_t i = 0; i < half; i += 16) {
+            const __m512 x1 = load16(xp + i), x2 = load16(xp + half + i);
+            const __m512 o1 = _mm512_fnmadd_ps(x2, load16(sp + i), _mm512_mul_ps(x1, load16(cp + i)));
+            const __m512 o2 = _mm512_fmadd_ps(x1, load16(sp + half + i), _mm512_mul_ps(x2, load16(cp + half + i)));
+            store16(op + i, round16(op, o1));
+            store16(op + half + i, round16(op, o2));
+          }
+          continue;
+        }
+      }
+#endif
+      for (int64_t i = 0; i < D; ++i) a[i] = xp[i], c[i] = cp[i], sn[i] = sp[i];
+      rotate<acc_t>(a.data(), c.data(), sn.data(), o.data(), D, acc_t(1));
+      for (int64_t i = 0; i < D; ++i) op[i] = static_cast<scalar_t>(o[i]);
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 std::vector<at::Tensor> dsla_decode_step(
@@ -1304,8 +1343,23 @@ at::Tensor silu_mul(at::Tensor gate_up) {
   return out;
 }
 
+at::Tensor rope(at::Tensor x, at::Tensor cos, at::Tensor sin) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 4 && x.size(3) % 2 == 0, "rope: x must be a CPU (B, H, T, D), D even");
+  TORCH_CHECK(cos.dim() == 3 && cos.size(0) == x.size(0) && cos.size(1) == x.size(2) && cos.size(2) == x.size(3) &&
+                  cos.sizes() == sin.sizes(),
+              "rope: cos/sin must be (B, T, D)");
+  TORCH_CHECK(cos.scalar_type() == x.scalar_type() && sin.scalar_type() == x.scalar_type(), "rope: cos/sin need x's dtype");
+  if (x.size(3) > 1 && x.stride(3) != 1) x = x.contiguous();
+  at::Tensor out;
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "rope", [&] {
+    out = rope_impl<scalar_t>(x, cos.contiguous(), sin.contiguous());
+  });
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "Llama RMSNorm (float statistics, rounded as the ATen ops round)");
+  m.def("rope", &rope, "Llama's rotary embedding of (B, H, T, D) by (B, T, D) tables: a contiguous copy");
   m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused (..., 2 I) [gate | up]");
   m.def("dsla_decode_step", &dsla_decode_step, "one fused DSLA decode step over pooled slots (in place)");
   m.def("attention_decode", &attention_decode, "one attention decode token for a batch (KV appended in place)");
