@@ -44,6 +44,12 @@ from dsla_serve.ops.native import StepParams, prefill_dsla
 MERGED_O_MIN_ROWS = 16
 
 
+def stamp(t: Tensor) -> tuple:
+    """What identifies a tensor's current values for a cache key: identity, storage, dtype and version
+    (inference tensors have no version counter; they cannot be changed in place outside inference mode)."""
+    return id(t), t.data_ptr(), t.dtype, -1 if t.is_inference() else t._version
+
+
 class LowRank(nn.Module):
     """x -> B·A·x with B zero-initialised, so an adapter starts as a no-op."""
 
@@ -152,8 +158,8 @@ class DSLAAttention(nn.Module):
         if "o" not in self.adapters:
             return self.o_proj(o)
         ada = self.adapters["o"]
-        grad = torch.is_grad_enabled() and any(t.requires_grad for t in (o, ada.A, ada.B))
-        if o.shape[-2] > MERGED_O_MIN_ROWS and not grad:
+        trained = (o, ada.A, ada.B, *self.o_proj.parameters())
+        if o.shape[-2] > MERGED_O_MIN_ROWS and not (torch.is_grad_enabled() and any(t.requires_grad for t in trained)):
             merged = self.merged_output_weight()
             return F.linear(o.to(merged.dtype), merged, getattr(self.o_proj, "bias", None)).to(o.dtype)
         return self.o_proj(o) + ada(o)
@@ -162,9 +168,11 @@ class DSLAAttention(nn.Module):
         """o_proj's weight (as it computes: dequantised for a quantised o_proj) plus the o adapter's B·A,
         one matrix; cached while neither changes."""
         ada = self.adapters["o"]
-        w = self.o_proj.weight
-        key = tuple((p.data_ptr(), p._version) for p in (w, ada.A, ada.B))
+        # keyed on what the modules store (a quantised o_proj's .weight is a fresh de-quantised tensor)
+        stored = (*self.o_proj.parameters(), *self.o_proj.buffers(), ada.A, ada.B)
+        key = (id(self.o_proj), *(stamp(t) for t in stored))
         if getattr(self, "_merged_o", (None,))[0] != key:
+            w = self.o_proj.weight
             f = compute_dtype(w.dtype)
             with torch.no_grad():
                 self._merged_o = (key, (w.to(f) + ada.B.to(f) @ ada.A.to(f)).to(w.dtype))
@@ -341,10 +349,10 @@ class DSLAAttention(nn.Module):
             return (zeros, zeros.clone()), window
         k = rotate(keys[:, :, :n], cos[:, :n], -sin[:, :n])  # undo RoPE: the gates read un-rotated keys
         k, v = self.adapt("k", k), self.adapt("v", values[:, :, :n])
-        g_far, g_close = self.gates(k, v)
-        k_state = rotate(k, cos[:, :n], sin[:, :n]) if self.config.rope else k
-        _, state = prefill_dsla(  # no query heads: the final states alone
-            keys.new_zeros(B, 0, n, D), k_state, v, g_far, g_close, keys.new_zeros(2),
-            normalize=self.config.normalize, chunk_size=self.config.chunk_size,
+        no_queries = keys.new_zeros(B, 0, n, D)
+        _, state = prefill_dsla(  # no query heads: the final states alone, made as a prefill makes them
+            no_queries, k, v, None, None, keys.new_zeros(2), normalize=self.config.normalize,
+            chunk_size=self.config.chunk_size, gate_logits=self.gate_logits(k, v), rope_states=self.config.rope,
+            rotary=(no_queries, k, cos[:, :n], sin[:, :n]),
         )  # fmt: skip
         return state, window

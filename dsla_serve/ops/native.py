@@ -202,7 +202,7 @@ def scan_dsla(
         raise ValueError(f"keys hold {L} tokens for {T} queries: the prefix must be 0..{window} window tokens")
     if rope_states and rotary is None:
         raise ValueError("rope_states needs the rotary tables (rotary=(q, k, cos, sin))")
-    if (gate_logits is None) == (g_far is None or g_close is None):
+    if (gate_logits is None) == (g_far is None or g_close is None) or (g_far is None) != (g_close is None):
         raise ValueError("give either both log-decays (g_far, g_close) or gate_logits")
     f = compute_dtype(q.dtype)
     dtype = q.dtype if q.dtype in (torch.float32, torch.bfloat16, torch.float64) else f
@@ -234,6 +234,10 @@ def prefill_dsla(
 
     q with zero heads asks for the final states alone (folding a KV cache): the scan then only
     updates them; the chunked form, which needs queries, reads with zero ones and drops the read-out."""
+    if (kwargs.get("gate_logits") is None) == (g_far is None or g_close is None) or (g_far is None) != (
+        g_close is None
+    ):
+        raise ValueError("give either both log-decays (g_far, g_close) or gate_logits")
     tensors = [q, k, v, alpha, *(t for t in (g_far, g_close) if t is not None)]
     tensors += [t for t in kwargs.values() if isinstance(t, Tensor)]
     for name in ("initial_state", "rotary", "out_gate", "gate_logits"):

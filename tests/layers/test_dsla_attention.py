@@ -122,20 +122,44 @@ def test_unsupported_module_is_rejected(tiny):
         DSLAAttention(torch.nn.Linear(2, 2), tiny.config, 0)
 
 
-def test_prefill_output_merges_the_o_adapter(tiny):
+@pytest.mark.parametrize("kind", ["float64", "bfloat16", "int8"])
+def test_prefill_output_merges_the_o_adapter(tiny, kind):
     """Without autograd, over more than MERGED_O_MIN_ROWS tokens, o_proj and the o adapter run as one
-    merged matrix: the same output as o_proj(o) + B·A·o, and the merge follows the adapter's updates."""
+    merged matrix (built once per parameter version, also under inference mode and for a quantised
+    o_proj): the same output as o_proj(o) + B·A·o, following the adapter's updates."""
     from dsla_serve.layers.dsla_attention import MERGED_O_MIN_ROWS
+    from dsla_serve.model.quant import Int8Linear
 
-    tiny = tiny.double()
+    dtype = torch.float64 if kind == "float64" else torch.bfloat16
+    tiny = tiny.to(dtype)
     layer = convert(tiny, [1], config=DSLAConfig(adapter_rank=3, adapters="o"))[1]
+    if kind == "int8":
+        layer.o_proj = Int8Linear(layer.o_proj)
     ada = layer.adapters["o"]
-    o = torch.randn(2, MERGED_O_MIN_ROWS + 5, layer.o_proj.in_features, dtype=torch.float64)
+    o = torch.randn(2, MERGED_O_MIN_ROWS + 5, layer.o_proj.in_features, dtype=dtype)
     for _ in range(2):
         with torch.no_grad():
             ada.B.normal_()  # zero at initialisation: give it weight (and change it between the calls)
+        with torch.inference_mode():  # as the serving engine runs
             merged = layer.output(o)
+        built = layer._merged_o[1]
+        with torch.inference_mode():
+            assert layer.output(o).equal(merged) and layer._merged_o[1] is built  # cached
         separate = layer.o_proj(o) + ada(o)  # with autograd: the unmerged path
-        assert separate.requires_grad and not merged.requires_grad
-        torch.testing.assert_close(merged, separate.detach(), rtol=1e-12, atol=1e-12)
+        assert separate.requires_grad
+        if kind == "float64":
+            torch.testing.assert_close(merged, separate.detach(), rtol=1e-12, atol=1e-12)
+        else:  # the merged weight is rounded to bfloat16 once
+            err = (merged.float() - separate.detach().float()).abs().max()
+            assert err <= 0.02 * separate.detach().float().abs().max()
     assert ada.B.any()
+
+
+def test_merged_output_keeps_o_proj_trainable(tiny):
+    """o_proj's own weight requiring grad keeps the unmerged path, so it gets its gradient."""
+    layer = convert(tiny, [1], config=DSLAConfig(adapter_rank=3, adapters="o"))[1]
+    layer.adapters["o"].requires_grad_(False)
+    layer.o_proj.weight.requires_grad_(True)  # e.g. an ablation that tunes o_proj
+    o = torch.randn(1, 40, layer.o_proj.in_features)
+    layer.output(o).sum().backward()
+    assert layer.o_proj.weight.grad is not None and not hasattr(layer, "_merged_o")

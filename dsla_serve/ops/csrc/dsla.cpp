@@ -155,15 +155,15 @@ inline void store16(c10::BFloat16* p, __m512 x) {  // x already rounded (round16
 #endif
 
 template <typename scalar_t, typename acc_t>
-inline void decay_from_logits(const scalar_t* x, acc_t* decay, int64_t D, acc_t inv_normalizer, acc_t gate_min) {
+inline void decay_from_logits(const scalar_t* x, acc_t* decay, int64_t D, acc_t normalizer, acc_t gate_min) {
   // A gate's per-token decay from its pre-activation: exp(max(logsigmoid(x) / normaliser, gate_min)).
   // float with AVX-512: logsigmoid(x) = min(x, 0) - log1p(e), e = exp(-|x|) in (0, 1], and
-  // log1p(e) = 2 atanh(e / (2 + e)) by its odd series to t^13 (t <= 1/3: error < 1e-8); elsewhere the
-  // scalar formula, so the float64 tests compare exactly.
+  // log1p(e) = 2 atanh(e / (2 + e)) by its odd series to t^13 (t <= 1/3: error ~1e-8, below float's
+  // precision); NaN stays NaN. Elsewhere the scalar formula, so the float64 tests compare exactly.
   int64_t i = 0;
 #if defined(__AVX512F__)
   if constexpr (std::is_same_v<acc_t, float> && !std::is_same_v<scalar_t, double>) {
-    const __m512 zero = _mm512_setzero_ps(), two = _mm512_set1_ps(2.0f), inv = _mm512_set1_ps(inv_normalizer),
+    const __m512 zero = _mm512_setzero_ps(), two = _mm512_set1_ps(2.0f), inv = _mm512_set1_ps(1.0f / normalizer),
                  floor = _mm512_set1_ps(gate_min);
     for (; i + 16 <= D; i += 16) {
       const __m512 xv = load16(x + i);
@@ -172,11 +172,15 @@ inline void decay_from_logits(const scalar_t* x, acc_t* decay, int64_t D, acc_t 
       __m512 p = _mm512_set1_ps(2.0f / 13);
       for (const float c : {2.0f / 11, 2.0f / 9, 2.0f / 7, 2.0f / 5, 2.0f / 3, 2.0f}) p = _mm512_fmadd_ps(p, t2, _mm512_set1_ps(c));
       const __m512 ls = _mm512_sub_ps(_mm512_min_ps(xv, zero), _mm512_mul_ps(p, t));
-      _mm512_storeu_ps(decay + i, exp_nonpositive(_mm512_max_ps(_mm512_mul_ps(ls, inv), floor)));
+      const __m512 d = exp_nonpositive(_mm512_max_ps(_mm512_mul_ps(ls, inv), floor));
+      _mm512_storeu_ps(decay + i, _mm512_mask_mov_ps(d, _mm512_cmp_ps_mask(xv, xv, _CMP_UNORD_Q), xv));
     }
   }
 #endif
-  for (; i < D; ++i) decay[i] = std::exp(std::max(log_sigmoid(acc_t(x[i])) * inv_normalizer, gate_min));
+  for (; i < D; ++i) {
+    const acc_t g = log_sigmoid(acc_t(x[i])) / normalizer;
+    decay[i] = std::isnan(g) ? g : std::exp(std::max(g, gate_min));
+  }
 }
 
 template <typename acc_t, typename w_t>
@@ -517,7 +521,7 @@ template <typename scalar_t>
 struct GateLogits {  // the gates' pre-activations (B, L, nG, Hkv, D), from which the scan makes the decays
   const scalar_t* p = nullptr;  // null: the log-decays come as tensors
   int64_t n_gates = 0, L = 0, Hkv = 0;
-  double inv_normalizer = 1, gate_min = 0;
+  double normalizer = 1, gate_min = 0;
   const scalar_t* at(int64_t b, int64_t e, int64_t s, int64_t h, int64_t D) const {
     return p + (((b * L + e) * n_gates + std::min(s, n_gates - 1)) * Hkv + h) * D;
   }
@@ -548,7 +552,7 @@ void scan_state(const View4<scalar_t>& q, const View4<scalar_t>& k, const View4<
     const scalar_t* kp = k.at(b, h, e);
     const scalar_t* vp = v.at(b, h, e);
     if (logits.p) {
-      decay_from_logits<scalar_t, acc_t>(logits.at(b, e, s, h, D), decay.data(), D, acc_t(logits.inv_normalizer),
+      decay_from_logits<scalar_t, acc_t>(logits.at(b, e, s, h, D), decay.data(), D, acc_t(logits.normalizer),
                                          acc_t(logits.gate_min));
     } else {
       const acc_t* gp = g.at(b, h, e);
@@ -700,7 +704,7 @@ inline WindowGroupFn window_group_fn(int64_t D, int64_t G) {
 #endif
 
 // NOTE(decisions): the prefill scan runs its two phases by chunks of this many tokens, so the reads
-// passed between them stay in L2 (256 tokens: 1.2 MB at 9 heads of 64).
+// passed between them stay in L2 (256 tokens of one sequence: 1.2 MB at 9 heads of 64).
 constexpr int64_t kScanChunk = 256;
 
 template <typename scalar_t, typename acc_t>
@@ -714,6 +718,7 @@ std::vector<at::Tensor> scan_impl(const at::Tensor& q, const at::Tensor& k, cons
   const int64_t Hkv = k.size(1), L = k.size(2), G = Hq / Hkv, P = L - T, n_mix = mix.size(1);
   acc_t* st = state.data_ptr<acc_t>();
   const View4<scalar_t> qv(q), kv(k), vv(v);
+  // with gate logits the log-decay views are unused (state stands in: any 4+-d tensor)
   const View4<acc_t> gv[2] = {View4<acc_t>(logits.p ? state : g_far), View4<acc_t>(logits.p ? state : g_close)};
   const bool rope = cos.numel() > 0;
   const scalar_t* cos_p = rope ? cos.data_ptr<scalar_t>() : nullptr;
@@ -757,7 +762,7 @@ std::vector<at::Tensor> scan_impl(const at::Tensor& q, const at::Tensor& k, cons
   // queries that read no state stay unwritten and unread), then phase 2, per token of the chunk: the
   // window of every KV head's query group, then per query head the RMS norm and gain of each state's
   // read, the mixing and the output gate. The reads stay in L2 between the phases.
-  const int64_t CH = std::min(T, kScanChunk);
+  const int64_t CH = std::min(T, std::max<int64_t>(16, kScanChunk / B));  // the reads of B sequences
   at::Tensor reads = at::empty({B, CH, 2, Hq, D}, state.options());
   acc_t* reads_p = reads.data_ptr<acc_t>();
   at::Tensor o = at::empty({B, T, Hq, D}, q.options());
@@ -792,7 +797,7 @@ std::vector<at::Tensor> scan_impl(const at::Tensor& q, const at::Tensor& k, cons
       const int64_t b = it / n_c, i = c0 + it % n_c;
       const bool has_state = P + i - W >= 0;
       std::fill(outs.begin(), outs.end(), acc_t(0));
-      if (W) {  // softmax over the n keys c0 - n + 1 .. c0, c0 = P + i: the query's own among them
+      if (W) {  // softmax over the n keys last - n + 1 .. last, last = P + i: the query's own among them
         if (rope) {  // the query's position P + i: one rotary row for all its heads
           const int64_t row = (b * L + P + i) * D;
           for (int64_t j = 0; j < D; ++j) c[j] = cos_p[row + j], sn[j] = sin_p[row + j];
@@ -808,7 +813,7 @@ std::vector<at::Tensor> scan_impl(const at::Tensor& q, const at::Tensor& k, cons
             std::copy(qa.begin(), qa.end(), qq.begin() + hq * D);
           }
         }
-        const int64_t c0 = P + i, lo = std::max<int64_t>(0, c0 - W + 1), n = c0 - lo + 1;
+        const int64_t last = P + i, lo = std::max<int64_t>(0, last - W + 1), n = last - lo + 1;
         for (int64_t h = 0; h < Hkv; ++h) {
           for (int64_t g = 0; g < G; ++g) w[g] = has_state ? mix_p[(h * G + g) * n_mix + 2] : acc_t(1);
           const acc_t* kt = kt_p + (b * Hkv + h) * D * Lp + lo;
@@ -1216,7 +1221,7 @@ std::vector<at::Tensor> dsla_scan(at::Tensor q, at::Tensor k, at::Tensor v, at::
               "state must be contiguous (2, B, Hkv, D, D)");
   auto last_contiguous = [](const at::Tensor& t) { return t.size(-1) <= 1 || t.stride(-1) == 1 ? t : t.contiguous(); };
   q = last_contiguous(q), k = last_contiguous(k), v = last_contiguous(v);
-  const bool from_logits = gate_logits.numel() > 0;
+  const bool from_logits = gate_logits.dim() == 5;  // (an empty (0,) tensor: the log-decays g_far/g_close)
   if (from_logits) {
     TORCH_CHECK(gate_logits.dim() == 5 && gate_logits.size(0) == B && gate_logits.size(1) == L &&
                     (gate_logits.size(2) == 1 || gate_logits.size(2) == 2) && gate_logits.size(3) == Hkv &&
@@ -1233,8 +1238,10 @@ std::vector<at::Tensor> dsla_scan(at::Tensor q, at::Tensor k, at::Tensor v, at::
                 "q_rot, k_rot, v_win must match q, k, v");
     q_rot = last_contiguous(q_rot), k_rot = last_contiguous(k_rot), v_win = last_contiguous(v_win);
   }
-  TORCH_CHECK(!rope_states || cos.numel(), "rope_states needs cos/sin");
-  if (cos.numel() && (W || rope_states)) {
+  // One cos/sin serves both rotations: the window's (q_rot/k_rot then arrive un-rotated) and, with
+  // rope_states, the states' q and k.
+  TORCH_CHECK(!rope_states || cos.dim() == 3, "rope_states needs cos/sin");
+  if (cos.dim() == 3 && (W || rope_states)) {
     TORCH_CHECK(cos.dim() == 3 && cos.size(0) == B && cos.size(1) == L && cos.size(2) == D && cos.sizes() == sin.sizes(),
                 "cos/sin must be (B, L, D): the keys' positions");
     TORCH_CHECK(cos.scalar_type() == q.scalar_type() && sin.scalar_type() == q.scalar_type(), "cos/sin need q's dtype");
@@ -1263,7 +1270,7 @@ std::vector<at::Tensor> dsla_scan(at::Tensor q, at::Tensor k, at::Tensor v, at::
     TORCH_CHECK(state.scalar_type() == c10::CppTypeToScalarType<acc>::value, "state must be float32 (float64 model: float64)");
     GateLogits<scalar_t> logits;
     if (from_logits) {
-      logits = {gate_logits.data_ptr<scalar_t>(), gate_logits.size(2), L, Hkv, 1.0 / gate_normalizer, gate_min};
+      logits = {gate_logits.data_ptr<scalar_t>(), gate_logits.size(2), L, Hkv, gate_normalizer, gate_min};
     }
     out = scan_impl<scalar_t, acc>(q, k, v, g_far, g_close, logits, state, mix, gain, q_rot, k_rot, v_win, cos, sin,
                                    rope_states, og, og_b, W, scale, window_scale, normalize, eps);
