@@ -133,7 +133,8 @@ def agreement(
         err.print(f"[red]error:[/red] {e}" + ("" if data else " (build it with `dsla-serve data corpus`)"))
         raise typer.Exit(2) from e
     hybrid, tok, info = load(model, weights, dtype)
-    teacher = load(model, "none", reference_dtype)[0] if reference_dtype and reference_dtype != dtype else None
+    # the teacher runs no DSLA layer; loading the student's checkpoint spares calibrating fresh ones
+    teacher = load(model, weights, reference_dtype)[0] if reference_dtype and reference_dtype != dtype else None
     start = time.perf_counter()
     try:
         picked = corpus_prompts(texts, tok, prompts, prompt_tokens)
