@@ -196,7 +196,7 @@ class DSLAAttention(nn.Module):
         parts = (self.gate_far,) if self.gate_close is None else (self.gate_far, self.gate_close)
         if torch.is_grad_enabled() and any(p.requires_grad for m in parts for p in m.parameters()):
             return torch.cat([m.weight for m in parts]), torch.cat([m.bias for m in parts])
-        key = tuple((id(p), p.data_ptr(), p._version) for m in parts for p in m.parameters())
+        key = tuple(stamp(p) for m in parts for p in m.parameters())
         if getattr(self, "_gate_cache", (None,))[0] != key:
             self._gate_cache = (key, torch.cat([m.weight for m in parts]), torch.cat([m.bias for m in parts]))
         return self._gate_cache[1], self._gate_cache[2]
@@ -303,7 +303,7 @@ class DSLAAttention(nn.Module):
     def mix_weights(self) -> Tensor:
         """softmax over (far, close[, window]) per query head, (Hq, 2|3), cached while alpha/beta do not change."""
         params = [self.alpha] + ([self.beta] if self.config.window else [])
-        key = tuple((id(p), p.data_ptr(), p._version) for p in params)
+        key = tuple(stamp(p) for p in params)
         if getattr(self, "_mix_cache", (None,))[0] != key or torch.is_grad_enabled():
             self._mix_cache = (key, mixing_weights(self.alpha, self.num_heads, self.window_logit()))
         return self._mix_cache[1]

@@ -179,6 +179,12 @@ def int4_gemv(x: Tensor, packed: Tensor, scale: Tensor, offset: Tensor) -> Tenso
     return load().int4_gemv(x, packed, scale, offset)
 
 
+def check_gates(g_far: Tensor | None, g_close: Tensor | None, gate_logits: GateLogits | None) -> None:
+    """The gates come either as both log-decays or as ``gate_logits``, never both or a mix."""
+    if (g_far is not None, g_close is not None) != ((False, False) if gate_logits is not None else (True, True)):
+        raise ValueError("give either both log-decays (g_far, g_close) or gate_logits")
+
+
 def scan_dsla(
     q: Tensor, k: Tensor, v: Tensor, g_far: Tensor | None, g_close: Tensor | None, alpha: Tensor, *,
     scale: float | None = None, normalize: bool = True, eps: float = 1e-6, initial_state: StatePair | None = None,
@@ -202,8 +208,7 @@ def scan_dsla(
         raise ValueError(f"keys hold {L} tokens for {T} queries: the prefix must be 0..{window} window tokens")
     if rope_states and rotary is None:
         raise ValueError("rope_states needs the rotary tables (rotary=(q, k, cos, sin))")
-    if (gate_logits is None) == (g_far is None or g_close is None) or (g_far is None) != (g_close is None):
-        raise ValueError("give either both log-decays (g_far, g_close) or gate_logits")
+    check_gates(g_far, g_close, gate_logits)
     f = compute_dtype(q.dtype)
     dtype = q.dtype if q.dtype in (torch.float32, torch.bfloat16, torch.float64) else f
     cast = lambda t: t if t.dtype == dtype else t.to(dtype)  # noqa: E731
@@ -234,10 +239,7 @@ def prefill_dsla(
 
     q with zero heads asks for the final states alone (folding a KV cache): the scan then only
     updates them; the chunked form, which needs queries, reads with zero ones and drops the read-out."""
-    if (kwargs.get("gate_logits") is None) == (g_far is None or g_close is None) or (g_far is None) != (
-        g_close is None
-    ):
-        raise ValueError("give either both log-decays (g_far, g_close) or gate_logits")
+    check_gates(g_far, g_close, kwargs.get("gate_logits"))
     tensors = [q, k, v, alpha, *(t for t in (g_far, g_close) if t is not None)]
     tensors += [t for t in kwargs.values() if isinstance(t, Tensor)]
     for name in ("initial_state", "rotary", "out_gate", "gate_logits"):

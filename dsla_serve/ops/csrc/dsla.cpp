@@ -345,10 +345,7 @@ std::vector<at::Tensor> step_impl(
         // One pass over the state: update each row (a token enters), then every query of the group reads it.
         acc_t* Ss = S + s * Hkv * D * D;
         const acc_t* gs = g_p + b * n_gates * KV + std::min<int64_t>(s, n_gates - 1) * KV + h * D;
-        for (int64_t i = 0; i < D; ++i) {
-          const acc_t gv = log_sigmoid(gs[i]) / acc_t(gate_normalizer);
-          decay[i] = std::exp(std::max(gv, acc_t(gate_min)));
-        }
+        decay_from_logits<acc_t, acc_t>(gs, decay.data(), D, acc_t(gate_normalizer), acc_t(gate_min));
         std::fill(reads.begin(), reads.end(), acc_t(0));
         for (int64_t i = 0; i < D; ++i) {
           acc_t* r = Ss + i * D;
