@@ -274,12 +274,17 @@ class DSLAAttention(nn.Module):
             o = o * (2 * torch.sigmoid(self.out_gate(q) + self.out_gate_bias[:, None, :]))
         return o.transpose(1, 2).reshape(B, 1, -1)
 
-    def step_params(self, dtype: torch.dtype) -> StepParams:
-        """The parameters as the fused decode step reads them (``dsla_serve.ops.native``), in the states'
-        dtype; cached while no parameter changes."""
-        if not hasattr(self, "_step_inputs"):  # collected once: walking the module tree per step costs 16 µs
+    def step_inputs(self) -> list[nn.Parameter]:
+        """The parameters the fused decode step reads (collected once: walking the module tree costs 16 µs)."""
+        if not hasattr(self, "_step_inputs"):
             self._step_inputs = list(self.dsla_parameters().values())
-        key = (dtype, *((p.data_ptr(), p._version) for p in self._step_inputs))  # .to() moves data_ptr
+        return self._step_inputs
+
+    def step_params(self, dtype: torch.dtype, generation: int | None = None) -> StepParams:
+        """The parameters as the fused decode step reads them (``dsla_serve.ops.native``), in the states'
+        dtype; cached while no parameter changes: keyed on their ``stamp``s, or on ``generation``, a count
+        the caller moves when any of them changes (``HybridModel`` watches every layer's at once)."""
+        key = (dtype, list(map(stamp, self.step_inputs())) if generation is None else generation)
         if getattr(self, "_step_cache", (None,))[0] != key:
             with torch.no_grad():
                 none = torch.empty(0, dtype=dtype, device=self.gain.device)

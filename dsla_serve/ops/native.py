@@ -34,7 +34,7 @@ import logging
 import os
 import platform
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -116,6 +116,9 @@ class StepParams:
     og_w: Tensor  # (D, D)
     og_b: Tensor  # (Hq, D)
 
+    def __post_init__(self) -> None:  # the kernel's arguments in order, gathered once (not per decode step)
+        object.__setattr__(self, "args", tuple(getattr(self, f.name) for f in fields(self)))
+
 
 def decode_step(
     qkv: Tensor, hidden: Tensor, cos: Tensor, sin: Tensor, lcos: Tensor, lsin: Tensor, pos: Tensor, slots: Tensor,
@@ -132,9 +135,8 @@ def decode_step(
     """
     Hq, Hkv, D = heads
     o, extra = load().dsla_decode_step(
-        qkv, hidden, cos, sin, lcos, lsin, pos, slots, states, ring_k, ring_v, p.gate_w, p.gate_b, p.ak, p.bk, p.av,
-        p.bv, p.aq, p.bq, p.ao, p.bo, p.mix, p.gain, p.og_w, p.og_b, Hq, Hkv, D, gate_normalizer, gate_min, eps,
-        normalize, rope, D**-0.5, D**-0.5,
+        qkv, hidden, cos, sin, lcos, lsin, pos, slots, states, ring_k, ring_v, *p.args, Hq, Hkv, D, gate_normalizer,
+        gate_min, eps, normalize, rope, D**-0.5, D**-0.5,
     )  # fmt: skip
     return o, (extra if extra.numel() else None)
 
@@ -149,6 +151,12 @@ def attention_decode(
     o_proj, softmax over the row's lengths[b] + 1 keys."""
     Hq, Hkv, D = heads
     return load().attention_decode(qkv, cos, sin, keys, values, lengths, Hq, Hkv, D, D**-0.5)
+
+
+def watch(tensors: list[Tensor]) -> object:
+    """A watch over tensors whose ``changed()`` says whether any was written in place (its version
+    counter moved) or moved (its data pointer) since the last call."""
+    return load().Watch(tensors)
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:

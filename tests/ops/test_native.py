@@ -99,6 +99,31 @@ def test_fused_step_bfloat16_close_to_python_step(monkeypatch):
     assert (out - ref).abs().max() <= 0.06 * ref.abs().max()
 
 
+@torch.no_grad()
+def test_fused_step_follows_parameter_updates(monkeypatch):
+    """The fused step reads copies of each layer's parameters, checked once per decode step: a parameter
+    written in place (an optimiser step) or moved (``.data`` replaced) between steps is read at the next."""
+    hybrid = hybrid_model(CONFIGS["window-adapters-gate"], torch.float64)
+    caches = prefilled(hybrid, [hybrid.new_cache(range(4))], (9,))
+    tokens = torch.randint(0, 99, (1, 2))
+    decode(hybrid, caches, tokens[:, :1], fused=True, monkeypatch=monkeypatch)  # copies made and cached
+    hybrid.dsla(1).gain.mul_(1.5)
+    hybrid.dsla(2).adapters["o"].B.add_(0.1)
+    hybrid.dsla(3).gate_far.weight.data = hybrid.dsla(3).gate_far.weight.data + 0.1
+    ref = decode(hybrid, caches, tokens, fused=False, monkeypatch=monkeypatch)[0]
+    torch.testing.assert_close(decode(hybrid, caches, tokens, fused=True, monkeypatch=monkeypatch)[0], ref)
+
+
+def test_watch_sees_writes_and_moves():
+    t, other = torch.zeros(3), torch.ones(2)
+    watch = native.watch([t, other])
+    assert not watch.changed()
+    other.add_(1)  # written in place
+    assert watch.changed() and not watch.changed()
+    t.data = torch.zeros(3)  # same tensor object, new storage
+    assert watch.changed() and not watch.changed()
+
+
 def test_grad_mode_uses_the_python_step(monkeypatch):
     """The fused step has no backward: with autograd on it must not run, and gradients reach the
     DSLA parameters through a cached decode."""
