@@ -7,7 +7,8 @@ SmolLM2-135M layer shapes it is ~10x faster than float32 for one token. Where th
 AVX512-VNNI the C++ GEMV (``native.int4_gemv``) replaces it: it multiplies integers (activations
 quantised to int8 per group of 32) instead of de-quantising every weight, 1.8x faster per call on
 these shapes. For many tokens (prefill) bf16 GEMM is faster, so each layer keeps the dequantised bf16
-weight too and picks by row count.
+weight too and picks by row count. int8 weights (the int4 mode's lm_head, the int8 mode's linears) run
+on the same scheme (``native.int8_gemv``) where the CPU has VNNI, else on ATen's int8 kernel.
 
 NOTE(decisions): the embedded model's GGUF stores every linear weight as Q4_1 (blocks of 32,
 w = d * q + m), so re-quantising its de-quantised weights per group of 32 with min/max recovers the
@@ -28,9 +29,14 @@ GROUP = 32
 # two tie at 8 rows; inside a model, whose weights stream from memory, a decode step of 8 sequences at
 # 1024 tokens took 70 ms with the int4 kernel and 82 ms with bf16 GEMM (16 sequences: 125 vs 130 ms).
 INT4_MAX_ROWS = 16
-# NOTE(decisions): the int8 kernel's time grows with the rows, the de-quantise + bf16 GEMM path's barely
+# NOTE(decisions): ATen's int8 kernel's time grows with the rows, the de-quantise + bf16 GEMM path's barely
 # (1536 x 576, per call: 1 row 26 vs 271 us, 16 rows 175 vs 276, 32 rows 346 vs 289, 256 rows 2865 vs 523)
 INT8_MAX_ROWS = 24
+# NOTE(decisions): the VNNI int8 GEMV (csrc) reads the weights once for all rows; against de-quantise +
+# bf16 GEMM it wins to ~64 rows on 576 x 1536 (64 rows: 0.45 vs 0.45 ms), ~96 on 1536 x 576, ~300 on the
+# lm_head (64 rows: 5.1 vs 30 ms); ATen's int8 kernel it beats at every row count (lm_head, 1 row: 0.69 vs
+# 1.19 ms, 8 rows: 1.16 vs 3.14).
+INT8_VNNI_MAX_ROWS = 48
 
 
 def quantize_int4(weight: Tensor, group: int = GROUP) -> tuple[Tensor, Tensor, Tensor]:
@@ -114,8 +120,9 @@ class Int4Linear(nn.Module):
 class Int8Linear(nn.Module):
     """A frozen ``nn.Linear`` with int8 weights (symmetric, one scale per output channel).
 
-    ``torch._weight_int8pack_mm`` reads the int8 codes directly: a quarter of float32's weight bytes
-    for every row count, so unlike int4 no second copy of the weight is kept for prefill.
+    Few rows run on the C++ VNNI GEMV where the CPU has it and the shape suits (``native.int8_gemv``:
+    the codes packed for it), else on ``torch._weight_int8pack_mm``; both read a quarter of float32's
+    weight bytes, so unlike int4 no second copy of the weight is kept for prefill.
     """
 
     def __init__(self, linear: nn.Linear):
@@ -123,24 +130,55 @@ class Int8Linear(nn.Module):
         w = linear.weight.detach().float()
         self.in_features, self.out_features = w.shape[1], w.shape[0]
         scale = (w.abs().amax(1) / 127).clamp(min=1e-10).to(torch.bfloat16).float()  # (out,), as stored
-        self.register_buffer("codes", (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8))
+        codes = (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
+        self.vnni = supports(linear) and native.has_int4_gemv()
+        if self.vnni:
+            self.register_buffer("packed", pack_int8_vnni(codes))
+        else:
+            self.register_buffer("int8_codes", codes)
         self.register_buffer("scale", scale.to(torch.bfloat16))
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().to(torch.bfloat16))
 
     @property
+    def codes(self) -> Tensor:
+        """The int8 codes (out, in)."""
+        return unpack_int8_vnni(self.packed) if self.vnni else self.int8_codes
+
+    @property
     def weight(self) -> Tensor:
-        """The dequantised weight (bf16), for code that reads ``.weight`` (and for fusing projections)."""
-        return (self.codes.float() * self.scale.float()[:, None]).to(torch.bfloat16)
+        """The dequantised weight (bf16), for code that reads ``.weight`` (and for fusing projections).
+        Codes are integers below 256 in magnitude, exact in bf16, so one rounding, of the product."""
+        if self.vnni:
+            return native.int8_dequant(self.packed, self.scale)
+        return (self.int8_codes.float() * self.scale.float()[:, None]).to(torch.bfloat16)
 
     def forward(self, x: Tensor) -> Tensor:
         rows = as_dtype(x.reshape(-1, self.in_features), torch.bfloat16)
-        if rows.shape[0] <= INT8_MAX_ROWS:
-            y = torch._weight_int8pack_mm(rows, self.codes, self.scale)
+        if rows.shape[0] <= (INT8_VNNI_MAX_ROWS if self.vnni else INT8_MAX_ROWS):
+            if self.vnni:
+                y = native.int8_gemv(rows, self.packed, self.scale)
+            else:
+                y = torch._weight_int8pack_mm(rows, self.codes, self.scale)
             if self.bias is not None:
                 y = y + self.bias
         else:  # prefill: de-quantise once per call and use the bf16 GEMM (AMX where the CPU has it)
             y = F.linear(rows, self.weight, self.bias)
         return as_dtype(y.view(*x.shape[:-1], self.out_features), x.dtype)
+
+
+def pack_int8_vnni(codes: Tensor) -> Tensor:
+    """int8 codes (out, in) in the layout of the C++ VNNI GEMV (csrc/dsla.cpp): (out/16, in/4, 64) uint8,
+    byte r·4 + k of input quad j holding code[16·rb + r, 4j + k] + 128."""
+    out_f, in_f = codes.shape
+    u = (codes.to(torch.int16) + 128).to(torch.uint8).view(out_f // 16, 16, in_f // 4, 4)  # (rb, r, j, k)
+    return u.permute(0, 2, 1, 3).reshape(out_f // 16, in_f // 4, 64).contiguous()
+
+
+def unpack_int8_vnni(packed: Tensor) -> Tensor:
+    """``pack_int8_vnni``'s inverse: the int8 codes (out, in)."""
+    n_blocks, quads, _ = packed.shape
+    u = packed.view(n_blocks, quads, 16, 4).permute(0, 2, 1, 3).reshape(n_blocks * 16, quads * 4)
+    return (u.to(torch.int16) - 128).to(torch.int8)
 
 
 QUANTIZERS = {"int4": (Int4Linear, supports), "int8": (Int8Linear, lambda linear: True)}

@@ -182,6 +182,17 @@ def has_int4_gemv() -> bool:
     return available() and load().has_int4_gemv()
 
 
+def int8_gemv(x: Tensor, packed: Tensor, scale: Tensor) -> Tensor:
+    """x (M, in) times int8 weights packed by ``quant.pack_int8_vnni`` with bf16 scales per row: (M, out)
+    in x's dtype (activations quantised to int8 per group of 32, as ``int4_gemv``)."""
+    return load().int8_gemv(x, packed, scale)
+
+
+def int8_dequant(packed: Tensor, scale: Tensor) -> Tensor:
+    """``int8_gemv``'s weights de-quantised: (out, in) bf16, code times scale rounded once."""
+    return load().int8_dequant(packed, scale)
+
+
 def int4_gemv(x: Tensor, packed: Tensor, scale: Tensor, offset: Tensor) -> Tensor:
     """x (M, in) times int4 weights packed by ``quant.pack_int4_vnni``: (M, out) in x's dtype."""
     return load().int4_gemv(x, packed, scale, offset)

@@ -9,7 +9,16 @@ import torch
 
 from dsla_serve.model import HybridCache, HybridModel, convert
 from dsla_serve.model.convert import original_attention
-from dsla_serve.model.quant import INT4_MAX_ROWS, Int4Linear, Int8Linear, quantize_int4, quantize_model
+from dsla_serve.model.quant import (
+    INT4_MAX_ROWS,
+    INT8_VNNI_MAX_ROWS,
+    Int4Linear,
+    Int8Linear,
+    pack_int8_vnni,
+    quantize_int4,
+    quantize_model,
+    unpack_int8_vnni,
+)
 from dsla_serve.ops import native
 from tests.conftest import randomize_gates, tiny_llama
 
@@ -114,6 +123,31 @@ def test_int8_codes_error_bound_and_kernel():
     assert q(x).dtype == x.dtype
 
 
+@pytest.mark.skipif(not native.has_int4_gemv(), reason="the CPU has no AVX512-VNNI: ATen's int8 kernel runs")
+@pytest.mark.parametrize("rows", [1, 3, INT8_VNNI_MAX_ROWS])
+def test_vnni_int8_gemv_equals_its_float64_emulation(rows):
+    """Activations quantised to int8 per group of 32 (scale max|x| / 127), integer dot products with the
+    int8 codes, the groups' scales, then the row's: emulated in float64; float32 accumulation and the
+    bf16 output are the only differences. The packed codes and their de-quantisation are exact."""
+    out_f, in_f = 48, 96
+    q = Int8Linear(torch.nn.Linear(in_f, out_f, bias=True))
+    assert q.vnni
+    codes = q.codes
+    assert codes.dtype == torch.int8 and torch.equal(unpack_int8_vnni(pack_int8_vnni(codes)), codes)
+    assert torch.equal(q.weight, (codes.float() * q.scale.float()[:, None]).to(torch.bfloat16))
+    x = torch.randn(rows, in_f).to(torch.bfloat16).float()
+    xg = x.view(rows, -1, 32)
+    dx = xg.abs().amax(-1, keepdim=True) / 127  # float32, as the kernel
+    xq = torch.round(xg * (1 / dx)).double()  # half to even, as lrintf
+    dots = torch.einsum("mgi,ogi->mog", xq, codes.double().view(out_f, -1, 32))  # (rows, out, groups)
+    ref = (dots * dx.double().squeeze(-1)[:, None]).sum(-1) * q.scale.double()
+    y32 = native.int8_gemv(x, q.packed, q.scale)
+    torch.testing.assert_close(y32.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    y = q(x.to(torch.bfloat16))  # the layer: bf16 out, plus the bias
+    exact = x.double() @ q.weight.double().T + q.bias.double()
+    assert (y.double() - exact).abs().max() <= 0.02 * exact.abs().max()
+
+
 def test_int8_hybrid_matches_float32_within_tolerance_and_decodes_consistently():
     model = tiny_llama()
     randomize_gates(convert(model, [1, 3]).values())
@@ -134,10 +168,10 @@ def test_int8_hybrid_matches_float32_within_tolerance_and_decodes_consistently()
 
 def test_int8_prefill_path_equals_kernel_path():
     """Many rows go through the de-quantised bf16 GEMM, few through the int8 kernel: same numbers."""
-    from dsla_serve.model.quant import INT8_MAX_ROWS
+    from dsla_serve.model.quant import INT8_MAX_ROWS, INT8_VNNI_MAX_ROWS
 
     q = Int8Linear(torch.nn.Linear(64, 48, bias=True))
-    x = torch.randn(INT8_MAX_ROWS + 8, 64)
+    x = torch.randn((INT8_VNNI_MAX_ROWS if q.vnni else INT8_MAX_ROWS) + 8, 64)
     many = q(x)
     few = torch.cat([q(x[i : i + 1]) for i in range(len(x))])
     torch.testing.assert_close(many, few, atol=0.03, rtol=0.02)

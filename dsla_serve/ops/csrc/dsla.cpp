@@ -1065,6 +1065,74 @@ at::Tensor int4_gemv_impl(const at::Tensor& x, const at::Tensor& packed, const a
   });
   return y;
 }
+
+// ---- int8 weight-only GEMV ----
+//
+// The int8 weights (the lm_head of the int4 mode, every linear of the int8 mode) by the same scheme:
+// ATen's int8 kernel (``_weight_int8pack_mm``) takes time in proportion to the rows (8 rows of the
+// lm_head: 4.9 ms vs 2.0 for one), reading the weights again for each; here a block of weights is
+// loaded once for all rows. Activations as above (int8 per group of 32); the weights are the unsigned
+// operand of dpbusd, offset by 128, so sum_i (w_i + 128) xq_i - 128 sum_i xq_i = sum_i w_i xq_i.
+//
+// Layout (see dsla_serve/model/quant.py, pack_int8_vnni):
+//   packed  (out/16, in/4, 64) uint8   block (rows rb*16.., input quad j): byte r*4+k holds
+//           w[rb*16 + r, 4j + k] + 128
+//   scale   (out,) bfloat16            per row: w = code * scale
+// y[o] = scale[o] sum_g dx[g] sum_i code[o,i] xq[i].
+
+template <typename scalar_t>
+at::Tensor int8_gemv_impl(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale) {
+  const int64_t M = x.size(0), in = x.size(1), n_groups = in / 32, n_blocks = packed.size(0);
+  const scalar_t* x_p = x.data_ptr<scalar_t>();
+  std::vector<int8_t> xq(M * in);
+  std::vector<float> dx(M * n_groups);
+  std::vector<int32_t> qsum(M * n_groups);  // 128 x the codes' sum: what the weights' offset adds
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t g = 0; g < n_groups; ++g) {
+      const scalar_t* xg = x_p + m * in + g * 32;
+      float amax = 0;
+      for (int64_t i = 0; i < 32; ++i) amax = std::max(amax, std::abs(static_cast<float>(xg[i])));
+      const float d = amax / 127.0f, inv = d > 0 ? 1.0f / d : 0.0f;
+      int32_t sum = 0;
+      for (int64_t i = 0; i < 32; ++i) {
+        const int8_t c = int8_t(std::lrintf(static_cast<float>(xg[i]) * inv));
+        xq[m * in + g * 32 + i] = c;
+        sum += c;
+      }
+      dx[m * n_groups + g] = d;
+      qsum[m * n_groups + g] = 128 * sum;
+    }
+  }
+  at::Tensor y = at::empty({M, n_blocks * 16}, x.options());
+  scalar_t* y_p = y.data_ptr<scalar_t>();
+  const uint8_t* w_p = packed.data_ptr<uint8_t>();
+  const uint16_t* s_p = reinterpret_cast<const uint16_t*>(scale.data_ptr<at::BFloat16>());
+  at::parallel_for(0, n_blocks, 4, [&](int64_t b0, int64_t b1) {
+    std::vector<__m512> acc(M);
+    for (int64_t rb = b0; rb < b1; ++rb) {
+      for (int64_t m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
+      const uint8_t* wb = w_p + rb * (in / 4) * 64;
+      for (int64_t g = 0; g < n_groups; ++g) {
+        __m512i w[8];
+        for (int64_t q = 0; q < 8; ++q) w[q] = _mm512_loadu_si512(wb + (g * 8 + q) * 64);
+        for (int64_t m = 0; m < M; ++m) {
+          const int32_t* xg = reinterpret_cast<const int32_t*>(xq.data() + m * in + g * 32);
+          __m512i dot = _mm512_set1_epi32(-qsum[m * n_groups + g]);
+          for (int64_t q = 0; q < 8; ++q) dot = _mm512_dpbusd_epi32(dot, w[q], _mm512_set1_epi32(xg[q]));
+          acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(dx[m * n_groups + g]), acc[m]);
+        }
+      }
+      const __m512 ws = _mm512_castsi512_ps(
+          _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s_p + rb * 16))), 16));
+      for (int64_t m = 0; m < M; ++m) {
+        alignas(64) float out[16];
+        _mm512_store_ps(out, _mm512_mul_ps(acc[m], ws));
+        for (int64_t r = 0; r < 16; ++r) y_p[m * n_blocks * 16 + rb * 16 + r] = static_cast<scalar_t>(out[r]);
+      }
+    }
+  });
+  return y;
+}
 #else
 constexpr bool kInt4Gemv = false;
 #endif
@@ -1340,6 +1408,51 @@ at::Tensor attention_decode(at::Tensor qkv, at::Tensor cos, at::Tensor sin, std:
   return out;
 }
 
+at::Tensor int8_gemv(at::Tensor x, at::Tensor packed, at::Tensor scale) {
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.size(1) % 32 == 0, "x must be (M, in) on the CPU, in % 32 == 0");
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 3 && packed.size(1) * 4 == x.size(1) &&
+                  packed.size(2) == 64 && packed.is_contiguous(),
+              "packed must be contiguous uint8 (out/16, in/4, 64)");
+  TORCH_CHECK(scale.scalar_type() == at::kBFloat16 && scale.is_contiguous() && scale.numel() == packed.size(0) * 16,
+              "scale must be contiguous bfloat16 (out,)");
+  at::Tensor y;
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "int8_gemv", [&] {
+    y = int8_gemv_impl<scalar_t>(x.contiguous(), packed, scale);
+  });
+  return y;
+#else
+  TORCH_CHECK(false, "int8_gemv needs AVX512-VNNI (this build has none)");
+#endif
+}
+
+at::Tensor int8_dequant(at::Tensor packed, at::Tensor scale) {
+  // The bf16 weight (out, in) of int8_gemv's operands, for prefill's GEMM: one pass (from Python the
+  // strided un-packing and the two products took 1.5x as long as the GEMM they feed at 512 rows).
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 3 && packed.size(2) == 64 && packed.is_contiguous(),
+              "packed must be contiguous uint8 (out/16, in/4, 64)");
+  TORCH_CHECK(scale.scalar_type() == at::kBFloat16 && scale.is_contiguous() && scale.numel() == packed.size(0) * 16,
+              "scale must be contiguous bfloat16 (out,)");
+  const int64_t n_blocks = packed.size(0), quads = packed.size(1), in = quads * 4;
+  at::Tensor w = at::empty({n_blocks * 16, in}, scale.options());
+  const uint8_t* p = packed.data_ptr<uint8_t>();
+  const at::BFloat16* s = scale.data_ptr<at::BFloat16>();
+  at::BFloat16* w_p = w.data_ptr<at::BFloat16>();
+  at::parallel_for(0, n_blocks, 16, [&](int64_t b0, int64_t b1) {
+    for (int64_t rb = b0; rb < b1; ++rb) {
+      for (int64_t r = 0; r < 16; ++r) {
+        const float sc = static_cast<float>(s[rb * 16 + r]);
+        at::BFloat16* row = w_p + (rb * 16 + r) * in;
+        for (int64_t j = 0; j < quads; ++j) {
+          const uint8_t* q = p + (rb * quads + j) * 64 + r * 4;
+          for (int64_t k = 0; k < 4; ++k) row[j * 4 + k] = static_cast<at::BFloat16>(float(int(q[k]) - 128) * sc);
+        }
+      }
+    }
+  });
+  return w;
+}
+
 bool has_int4_gemv() { return kInt4Gemv; }
 
 at::Tensor int4_gemv(at::Tensor x, at::Tensor packed, at::Tensor scale, at::Tensor offset) {
@@ -1406,6 +1519,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dsla_decode_step", &dsla_decode_step, "one fused DSLA decode step over pooled slots (in place)");
   m.def("attention_decode", &attention_decode, "one attention decode token for a batch (KV appended in place)");
   m.def("has_int4_gemv", &has_int4_gemv, "whether this build has the AVX512-VNNI int4 GEMV");
+  m.def("int8_dequant", &int8_dequant, "int8_gemv's packed weights as a bf16 (out, in) matrix");
+  m.def("int8_gemv", &int8_gemv, "y = x W^T for a few rows x and int8 weights packed for VNNI");
   m.def("int4_gemv", &int4_gemv, "y = x W^T for a few rows x and int4 weights packed for VNNI");
   py::class_<Watch>(m, "Watch")
       .def(py::init<std::vector<at::Tensor>>())
