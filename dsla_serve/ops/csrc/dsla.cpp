@@ -1049,8 +1049,12 @@ at::Tensor int4_gemv_impl(const at::Tensor& x, const at::Tensor& packed, const a
         const __m512 wc = _mm512_loadu_ps(c_p + sg);
         for (int64_t m = 0; m < M; ++m) {
           const int32_t* xg = reinterpret_cast<const int32_t*>(xq.data() + m * in + g * 32);
-          __m512i dot = _mm512_setzero_si512();
-          for (int64_t q = 0; q < 8; ++q) dot = _mm512_dpbusd_epi32(dot, codes[q], _mm512_set1_epi32(xg[q]));
+          __m512i dot = _mm512_setzero_si512(), dot2 = _mm512_setzero_si512();  // two chains: dpbusd latency
+          for (int64_t q = 0; q < 8; q += 2) {
+            dot = _mm512_dpbusd_epi32(dot, codes[q], _mm512_set1_epi32(xg[q]));
+            dot2 = _mm512_dpbusd_epi32(dot2, codes[q + 1], _mm512_set1_epi32(xg[q + 1]));
+          }
+          dot = _mm512_add_epi32(dot, dot2);
           const __m512 d = _mm512_mul_ps(ws, _mm512_set1_ps(dx[m * n_groups + g]));
           acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), d, acc[m]);
           acc[m] = _mm512_fmadd_ps(wc, _mm512_set1_ps(xsum[m * n_groups + g]), acc[m]);
