@@ -182,10 +182,10 @@ def has_int4_gemv() -> bool:
     return available() and load().has_int4_gemv()
 
 
-def int8_gemv(x: Tensor, packed: Tensor, scale: Tensor) -> Tensor:
+def int8_gemv(x: Tensor, packed: Tensor, scale: Tensor, residual: bool = False) -> Tensor:
     """x (M, in) times int8 weights packed by ``quant.pack_int8_vnni`` with bf16 scales per row: (M, out)
     in x's dtype (activations quantised to int8 per group of 32, as ``int4_gemv``)."""
-    return load().int8_gemv(x, packed, scale)
+    return load().int8_gemv(x, packed, scale, residual)
 
 
 def int8_dequant(packed: Tensor, scale: Tensor) -> Tensor:
@@ -193,9 +193,11 @@ def int8_dequant(packed: Tensor, scale: Tensor) -> Tensor:
     return load().int8_dequant(packed, scale)
 
 
-def int4_gemv(x: Tensor, packed: Tensor, scale: Tensor, offset: Tensor) -> Tensor:
-    """x (M, in) times int4 weights packed by ``quant.pack_int4_vnni``: (M, out) in x's dtype."""
-    return load().int4_gemv(x, packed, scale, offset)
+def int4_gemv(x: Tensor, packed: Tensor, scale: Tensor, offset: Tensor, residual: bool = False) -> Tensor:
+    """x (M, in) times int4 weights packed by ``quant.pack_int4_vnni``: (M, out) in x's dtype. The
+    activations are quantised to int8 per group of 32; ``residual``: and what that misses, in a second
+    int8 pass (twice the integer products, ~1/254 of the rounding error)."""
+    return load().int4_gemv(x, packed, scale, offset, residual)
 
 
 def check_gates(g_far: Tensor | None, g_close: Tensor | None, gate_logits: GateLogits | None) -> None:

@@ -1002,29 +1002,67 @@ at::Tensor attention_impl(const at::Tensor& qkv, const at::Tensor& cos, const at
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 constexpr bool kInt4Gemv = true;
 
+struct RowCodes {
+  // Rows of activations (M, in) as int8 codes per group of 32 inputs: x ~ d[0] q[0], and with the
+  // residual pass x ~ d[0] q[0] + d[1] q[1] (the codes of what the first pass missed: error / 254).
+  // Also each group's exact sum (int4's offsets) and each pass's code sum (int8's offset of 128).
+  int64_t in = 0, n_groups = 0, passes = 1;
+  std::vector<int8_t> q[2];
+  std::vector<float> d[2], xsum;
+  std::vector<int32_t> qsum[2];
+  const int32_t* codes(int64_t pass, int64_t m, int64_t g) const {
+    return reinterpret_cast<const int32_t*>(q[pass].data() + m * in + g * 32);
+  }
+};
+
 template <typename scalar_t>
+RowCodes quantize_rows(const scalar_t* x, int64_t M, int64_t in, bool residual) {
+  RowCodes c;
+  c.in = in, c.n_groups = in / 32, c.passes = residual ? 2 : 1;
+  c.xsum.resize(M * c.n_groups);
+  for (int64_t p = 0; p < c.passes; ++p) {
+    c.q[p].resize(M * in), c.d[p].resize(M * c.n_groups), c.qsum[p].resize(M * c.n_groups);
+  }
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t g = 0; g < c.n_groups; ++g) {
+      float v[32], sum = 0;
+      for (int64_t i = 0; i < 32; ++i) sum += v[i] = static_cast<float>(x[m * in + g * 32 + i]);
+      c.xsum[m * c.n_groups + g] = sum;
+      for (int64_t p = 0; p < c.passes; ++p) {  // pass 1 codes what pass 0 left in v
+        float amax = 0;
+        for (int64_t i = 0; i < 32; ++i) amax = std::max(amax, std::abs(v[i]));
+        const float d = amax / 127.0f, inv = d > 0 ? 1.0f / d : 0.0f;
+        int32_t qs = 0;
+        for (int64_t i = 0; i < 32; ++i) {
+          const int8_t q = int8_t(std::lrintf(v[i] * inv));
+          c.q[p][m * in + g * 32 + i] = q;
+          qs += q;
+          v[i] -= d * float(q);
+        }
+        c.d[p][m * c.n_groups + g] = d;
+        c.qsum[p][m * c.n_groups + g] = qs;
+      }
+    }
+  }
+  return c;
+}
+
+inline __m512i dot_group(const __m512i* w, const int32_t* xq, __m512i dot) {
+  // dot + the 16 lanes' dpbusd over one group: 8 weight vectors (4 inputs a lane) times 32 int8 codes,
+  // in two chains (one chain's latency bound a row: 3072 x 576 at 8 rows 63 -> 55 us in cache)
+  __m512i odd = _mm512_setzero_si512();
+  for (int64_t q = 0; q < 8; q += 2) {
+    dot = _mm512_dpbusd_epi32(dot, w[q], _mm512_set1_epi32(xq[q]));
+    odd = _mm512_dpbusd_epi32(odd, w[q + 1], _mm512_set1_epi32(xq[q + 1]));
+  }
+  return _mm512_add_epi32(dot, odd);
+}
+
+template <typename scalar_t, bool residual>
 at::Tensor int4_gemv_impl(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
                           const at::Tensor& offset) {
   const int64_t M = x.size(0), in = x.size(1), n_groups = in / 32, n_blocks = packed.size(0);
-  const scalar_t* x_p = x.data_ptr<scalar_t>();
-  // Activations per row and group: int8 codes, their scale and the exact sum (for the offsets).
-  std::vector<int8_t> xq(M * in);
-  std::vector<float> dx(M * n_groups), xsum(M * n_groups);
-  for (int64_t m = 0; m < M; ++m) {
-    for (int64_t g = 0; g < n_groups; ++g) {
-      const scalar_t* xg = x_p + m * in + g * 32;
-      float amax = 0, sum = 0;
-      for (int64_t i = 0; i < 32; ++i) {
-        const float v = static_cast<float>(xg[i]);
-        amax = std::max(amax, std::abs(v));
-        sum += v;
-      }
-      const float d = amax / 127.0f, inv = d > 0 ? 1.0f / d : 0.0f;
-      for (int64_t i = 0; i < 32; ++i) xq[m * in + g * 32 + i] = int8_t(std::lrintf(static_cast<float>(xg[i]) * inv));
-      dx[m * n_groups + g] = d;
-      xsum[m * n_groups + g] = sum;
-    }
-  }
+  const RowCodes c = quantize_rows(x.data_ptr<scalar_t>(), M, in, residual);
   at::Tensor y = at::empty({M, n_blocks * 16}, x.options());
   scalar_t* y_p = y.data_ptr<scalar_t>();
   const uint8_t* w_p = packed.data_ptr<uint8_t>();
@@ -1048,16 +1086,12 @@ at::Tensor int4_gemv_impl(const at::Tensor& x, const at::Tensor& packed, const a
             _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s_p + sg))), 16));
         const __m512 wc = _mm512_loadu_ps(c_p + sg);
         for (int64_t m = 0; m < M; ++m) {
-          const int32_t* xg = reinterpret_cast<const int32_t*>(xq.data() + m * in + g * 32);
-          __m512i dot = _mm512_setzero_si512(), dot2 = _mm512_setzero_si512();  // two chains: dpbusd latency
-          for (int64_t q = 0; q < 8; q += 2) {
-            dot = _mm512_dpbusd_epi32(dot, codes[q], _mm512_set1_epi32(xg[q]));
-            dot2 = _mm512_dpbusd_epi32(dot2, codes[q + 1], _mm512_set1_epi32(xg[q + 1]));
+          const int64_t mg = m * n_groups + g;
+          for (int64_t p = 0; p < (residual ? 2 : 1); ++p) {
+            const __m512i dot = dot_group(codes, c.codes(p, m, g), _mm512_setzero_si512());
+            acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(ws, _mm512_set1_ps(c.d[p][mg])), acc[m]);
           }
-          dot = _mm512_add_epi32(dot, dot2);
-          const __m512 d = _mm512_mul_ps(ws, _mm512_set1_ps(dx[m * n_groups + g]));
-          acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), d, acc[m]);
-          acc[m] = _mm512_fmadd_ps(wc, _mm512_set1_ps(xsum[m * n_groups + g]), acc[m]);
+          acc[m] = _mm512_fmadd_ps(wc, _mm512_set1_ps(c.xsum[mg]), acc[m]);
         }
       }
       for (int64_t m = 0; m < M; ++m) {
@@ -1084,29 +1118,10 @@ at::Tensor int4_gemv_impl(const at::Tensor& x, const at::Tensor& packed, const a
 //   scale   (out,) bfloat16            per row: w = code * scale
 // y[o] = scale[o] sum_g dx[g] sum_i code[o,i] xq[i].
 
-template <typename scalar_t>
+template <typename scalar_t, bool residual>
 at::Tensor int8_gemv_impl(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale) {
   const int64_t M = x.size(0), in = x.size(1), n_groups = in / 32, n_blocks = packed.size(0);
-  const scalar_t* x_p = x.data_ptr<scalar_t>();
-  std::vector<int8_t> xq(M * in);
-  std::vector<float> dx(M * n_groups);
-  std::vector<int32_t> qsum(M * n_groups);  // 128 x the codes' sum: what the weights' offset adds
-  for (int64_t m = 0; m < M; ++m) {
-    for (int64_t g = 0; g < n_groups; ++g) {
-      const scalar_t* xg = x_p + m * in + g * 32;
-      float amax = 0;
-      for (int64_t i = 0; i < 32; ++i) amax = std::max(amax, std::abs(static_cast<float>(xg[i])));
-      const float d = amax / 127.0f, inv = d > 0 ? 1.0f / d : 0.0f;
-      int32_t sum = 0;
-      for (int64_t i = 0; i < 32; ++i) {
-        const int8_t c = int8_t(std::lrintf(static_cast<float>(xg[i]) * inv));
-        xq[m * in + g * 32 + i] = c;
-        sum += c;
-      }
-      dx[m * n_groups + g] = d;
-      qsum[m * n_groups + g] = 128 * sum;
-    }
-  }
+  const RowCodes c = quantize_rows(x.data_ptr<scalar_t>(), M, in, residual);
   at::Tensor y = at::empty({M, n_blocks * 16}, x.options());
   scalar_t* y_p = y.data_ptr<scalar_t>();
   const uint8_t* w_p = packed.data_ptr<uint8_t>();
@@ -1120,10 +1135,11 @@ at::Tensor int8_gemv_impl(const at::Tensor& x, const at::Tensor& packed, const a
         __m512i w[8];
         for (int64_t q = 0; q < 8; ++q) w[q] = _mm512_loadu_si512(wb + (g * 8 + q) * 64);
         for (int64_t m = 0; m < M; ++m) {
-          const int32_t* xg = reinterpret_cast<const int32_t*>(xq.data() + m * in + g * 32);
-          __m512i dot = _mm512_set1_epi32(-qsum[m * n_groups + g]);
-          for (int64_t q = 0; q < 8; ++q) dot = _mm512_dpbusd_epi32(dot, w[q], _mm512_set1_epi32(xg[q]));
-          acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(dx[m * n_groups + g]), acc[m]);
+          for (int64_t p = 0; p < (residual ? 2 : 1); ++p) {  // the weights' offset of 128 adds 128 x the codes' sum
+            const int64_t mg = m * n_groups + g;
+            const __m512i dot = dot_group(w, c.codes(p, m, g), _mm512_set1_epi32(-128 * c.qsum[p][mg]));
+            acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(c.d[p][mg]), acc[m]);
+          }
         }
       }
       const __m512 ws = _mm512_castsi512_ps(
@@ -1412,7 +1428,7 @@ at::Tensor attention_decode(at::Tensor qkv, at::Tensor cos, at::Tensor sin, std:
   return out;
 }
 
-at::Tensor int8_gemv(at::Tensor x, at::Tensor packed, at::Tensor scale) {
+at::Tensor int8_gemv(at::Tensor x, at::Tensor packed, at::Tensor scale, bool residual) {
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
   TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.size(1) % 32 == 0, "x must be (M, in) on the CPU, in % 32 == 0");
   TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 3 && packed.size(1) * 4 == x.size(1) &&
@@ -1422,7 +1438,8 @@ at::Tensor int8_gemv(at::Tensor x, at::Tensor packed, at::Tensor scale) {
               "scale must be contiguous bfloat16 (out,)");
   at::Tensor y;
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "int8_gemv", [&] {
-    y = int8_gemv_impl<scalar_t>(x.contiguous(), packed, scale);
+    y = residual ? int8_gemv_impl<scalar_t, true>(x.contiguous(), packed, scale)
+                 : int8_gemv_impl<scalar_t, false>(x.contiguous(), packed, scale);
   });
   return y;
 #else
@@ -1459,7 +1476,7 @@ at::Tensor int8_dequant(at::Tensor packed, at::Tensor scale) {
 
 bool has_int4_gemv() { return kInt4Gemv; }
 
-at::Tensor int4_gemv(at::Tensor x, at::Tensor packed, at::Tensor scale, at::Tensor offset) {
+at::Tensor int4_gemv(at::Tensor x, at::Tensor packed, at::Tensor scale, at::Tensor offset, bool residual) {
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
   TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.size(1) % 32 == 0, "x must be (M, in) on the CPU, in % 32 == 0");
   const int64_t n_blocks = packed.size(0), n_groups = x.size(1) / 32;
@@ -1472,7 +1489,8 @@ at::Tensor int4_gemv(at::Tensor x, at::Tensor packed, at::Tensor scale, at::Tens
               "offset must be contiguous float32 (out/16, in/32, 16)");
   at::Tensor y;
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "int4_gemv", [&] {
-    y = int4_gemv_impl<scalar_t>(x.contiguous(), packed, scale, offset);
+    y = residual ? int4_gemv_impl<scalar_t, true>(x.contiguous(), packed, scale, offset)
+                 : int4_gemv_impl<scalar_t, false>(x.contiguous(), packed, scale, offset);
   });
   return y;
 #else
