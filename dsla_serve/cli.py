@@ -157,13 +157,14 @@ def bench_kernel(
     )
 
 
-from dsla_serve.distill.cli import data_app, distill, order  # noqa: E402  (typer commands; heavy imports inside)
+from dsla_serve.distill.cli import data_app, demote, distill, order  # noqa: E402  (typer commands; heavy imports inside)
 from dsla_serve.eval.cli import eval_app  # noqa: E402
 from dsla_serve.serving.cli import control, serve  # noqa: E402
 from dsla_serve.serving.loadtest import bench_serving  # noqa: E402
 from dsla_serve.serving.profile import profile_command  # noqa: E402
 
 app.command()(order)
+app.command()(demote)
 app.command()(distill)
 app.add_typer(data_app, name="data")
 app.add_typer(eval_app, name="eval")

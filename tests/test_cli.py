@@ -67,3 +67,19 @@ def test_bench_kernel_json():
         assert out["scan_speedup_vs_sdpa"] == pytest.approx(out["sdpa_causal_s"] / out["scan_dsla_s"])
     else:
         assert out["scan_dsla_s"] is None
+
+
+def test_demote_rewrites_a_checkpoints_order_and_keeps_its_history(tmp_path):
+    from dsla_serve.model.pretrained import shipped_checkpoint
+
+    manifest = json.loads((shipped_checkpoint(None) / "manifest.json").read_text())
+    manifest["order"] = before = [29, 25, 27, 22, 9, 10, 13, 11, 28, 12, 26, 6, *range(6), *range(14, 22), 7, 8, 23, 24]
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    run_cli("demote", "9,11", "--checkpoint", str(tmp_path), "--past", "8", "--reason", "test")
+    after = json.loads((tmp_path / "manifest.json").read_text())
+    assert after["order"][:8] == [i for i in before if i not in (9, 11)][:8]
+    assert set(after["order"][:10]) == set([i for i in before if i not in (9, 11)][:8]) | {9, 11}
+    assert after["order_history"][-1]["order"] == before and after["order_history"][-1]["reason"] == "test"
+    bad = run_cli("demote", "9,99", "--checkpoint", str(tmp_path), "--past", "8", "--reason", "x", check=False)
+    assert bad.returncode == 2 and "distinct layers of the order" in bad.stderr
+    assert json.loads((tmp_path / "manifest.json").read_text()) == after  # a refused change writes nothing

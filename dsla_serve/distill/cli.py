@@ -177,6 +177,36 @@ def order(
     print(json.dumps(result))
 
 
+def demote(
+    layers: str = typer.Argument(..., help="Layers to move later, e.g. 9,11,12,22."),
+    checkpoint: Path = typer.Option(..., help="DSLA checkpoint dir whose manifest order is rewritten."),
+    past: int = typer.Option(..., min=0, help="Move them just after this many of the other layers."),
+    reason: str = typer.Option(..., help="Why (recorded in the manifest), e.g. the evidence's path."),
+) -> None:
+    """Move layers later in a checkpoint's conversion order (levels are prefixes of it), recording the
+    previous order, the command and the reason in its manifest; the weights are untouched."""
+    from dsla_serve.distill.order import demote as demoted
+    from dsla_serve.model.convert import MANIFEST, CheckpointError, read_manifest
+
+    try:
+        manifest = read_manifest(checkpoint)
+        moved = [int(x) for x in layers.split(",")]
+        new = demoted(manifest["order"], moved, past)
+    except (CheckpointError, KeyError, ValueError) as e:
+        err.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from e
+    manifest.setdefault("order_history", []).append({
+        "order": manifest["order"], "order_source": manifest.get("order_source"), "demoted": moved, "past": past,
+        "reason": reason, "command": "dsla-serve " + shlex.join(sys.argv[1:]),
+    })  # fmt: skip
+    manifest["order"], manifest["order_source"] = (
+        new,
+        f"{manifest.get('order_source')}, then {moved} demoted past {past}",
+    )
+    (checkpoint / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    print(json.dumps({"order": new, "previous": manifest["order_history"][-1]["order"]}))
+
+
 def distill(
     out: Path = typer.Option(..., help="Output dir: one safetensors file per layer + manifest.json (resumable)."),
     data: str = typer.Option(PYDOC, help=f"Training text (file, dir, hf:NAME, or '{PYDOC}')."),

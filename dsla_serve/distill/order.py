@@ -91,3 +91,23 @@ def kl_sensitivity(
 def order_from_scores(scores: list[float]) -> list[int]:
     """Layers sorted by score, lowest (least sensitive) first; ties by index."""
     return sorted(range(len(scores)), key=lambda i: (scores[i], i))
+
+
+def demote(order: list[int], layers: list[int], past: int) -> list[int]:
+    """``order`` with ``layers`` moved to just after the first ``past`` of the others, each group keeping
+    its relative order: the prefixes up to ``past`` lose them, every prefix from ``past + len(layers)``
+    on holds the same set as before.
+
+    NOTE(decisions): for layers whose conversion breaks retrieval that the per-layer KL misses (pass-key
+    leave-one-out, docs/quality/retrieval-order): moved only past the level that needs them out, so
+    the longer prefixes keep the KL order's perplexity."""
+    if not set(layers) <= set(order) or len(set(layers)) != len(layers):
+        raise ValueError(f"layers to demote must be distinct layers of the order, got {layers}")
+    keep = [i for i in order if i not in layers]
+    if not 0 <= past <= len(keep):
+        raise ValueError(f"past must be in [0, {len(keep)}], got {past}")
+    new = keep[:past] + [i for i in order if i in layers] + keep[past:]
+    earlier = [i for i in layers if new.index(i) < order.index(i)]
+    if earlier:
+        raise ValueError(f"layers {earlier} would move earlier, not later: demote past fewer layers")
+    return new

@@ -167,6 +167,9 @@ def passkey(
     weights: str = typer.Option("auto"),
     dtype: str = typer.Option("float32"),
     seed: int = typer.Option(0),
+    plan: list[str] = typer.Option(
+        None, "--plan", help="An explicit set of DSLA layers beside the levels, NAME=9,11,22 (repeatable)."
+    ),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Pass-key retrieval accuracy by context length, filler and conversion level."""
@@ -179,6 +182,13 @@ def passkey(
     plans = {f"{lv:g}": info.layers_for(lv) for lv in parse_floats(conversion, "--conversion")}
     contexts = [int(c) for c in parse_floats(context, "--context")]
     try:
+        for p in plan or []:
+            name, sep, layers = p.partition("=")
+            if not sep or not name or name in plans:
+                raise ValueError(f"--plan takes NAME=LAYERS with a new NAME, e.g. 'no-9=22,25,29', got {p!r}")
+            plans[name] = info.layers_for(dsla_layers=[int(x) for x in layers.split(",") if x.strip()])
+            if not set(plans[name]) <= set(range(hybrid.num_layers)):
+                raise ValueError(f"--plan {name}: layers must be in 0..{hybrid.num_layers - 1}, got {layers}")
         rows = passkey_accuracy(hybrid, tok, contexts, plans, trials, fillers, seed)
     except ValueError as e:
         err.print(f"[red]error:[/red] {e}")

@@ -21,6 +21,7 @@ expansion, measured 7x faster at 8192 cached keys than ``enable_gqa``).
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable
 
 import torch
@@ -66,6 +67,7 @@ def fuse_linears(linears: list[nn.Module]) -> nn.Module | None:
     return fused
 
 
+GENERATIONS = itertools.count()  # of DSLA parameters, for every HybridModel (``params_generation``)
 NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float64)  # the C++ kernels' dtypes (no float16)
 
 
@@ -106,7 +108,7 @@ class HybridModel(nn.Module):
         self._groups: dict[tuple, list[tuple[list[int], list[int]]]] = {}
         self._ring: dict[tuple, tuple] = {}  # per decode step: rows' positions, rotary, ring slots, params generation
         self._watch: tuple[tuple[DSLAAttention, ...], object | None] = ((), None)  # DSLA layers, native.watch
-        self._generation = 0
+        self._generation = -1
         self._blocks = list(decoder_layers(base))  # convert swaps their self_attn, never the layers
 
     @property
@@ -425,17 +427,17 @@ class HybridModel(nn.Module):
         return out if extra is None else out.add_(extra[:, None])
 
     def params_generation(self) -> int:
-        """A count that moves whenever a DSLA layer's step inputs change (written, moved, or the set of
-        layers), checked once per decode step. NOTE(decisions): checking each layer's ~17 parameters in
+        """A number that changes whenever a DSLA layer's step inputs change (written in place or moved, or
+        the set of layers), checked once per decode step; drawn from one count for every model, so two
+        models over the same layers never share one. NOTE(decisions): checking each layer's ~17 parameters in
         Python cost ~16 µs of a ~200 µs layer step (0.5 ms of 13 at 512 tokens); the C++ watch, ~1 µs a step."""
         if ("generation",) not in self._ring:
             layers = tuple(m for m in (b.self_attn for b in self._blocks) if isinstance(m, DSLAAttention))
             watched, watch = self._watch
-            if watched != layers:
-                self._watch = (layers, native.watch([p for m in layers for p in m.step_inputs()]))
-                self._generation += 1
-            elif watch.changed():
-                self._generation += 1
+            if watched != layers or watch.changed():  # numbered across models: they may share DSLA layers
+                if watched != layers:
+                    self._watch = (layers, native.watch([p for m in layers for p in m.step_inputs()]))
+                self._generation = next(GENERATIONS)
             self._ring["generation",] = (self._generation,)
         return self._ring["generation",][0]
 

@@ -153,17 +153,22 @@ class Int8Linear(nn.Module):
         return unpack_int8_vnni(self.packed) if self.vnni else self.int8_codes
 
     @property
+    def native(self) -> bool:
+        """Whether the VNNI kernels run (packed codes, and the C++ kernels not turned off since)."""
+        return self.vnni and native.available()
+
+    @property
     def weight(self) -> Tensor:
         """The dequantised weight (bf16), for code that reads ``.weight`` (and for fusing projections).
         Codes are integers below 256 in magnitude, exact in bf16, so one rounding, of the product."""
-        if self.vnni:
+        if self.native:
             return native.int8_dequant(self.packed, self.scale)
-        return (self.int8_codes.float() * self.scale.float()[:, None]).to(torch.bfloat16)
+        return (self.codes.float() * self.scale.float()[:, None]).to(torch.bfloat16)
 
     def forward(self, x: Tensor) -> Tensor:
         rows = as_dtype(x.reshape(-1, self.in_features), torch.bfloat16)
-        if rows.shape[0] <= (INT8_VNNI_MAX_ROWS if self.vnni else INT8_MAX_ROWS):
-            if self.vnni:
+        if rows.shape[0] <= (INT8_VNNI_MAX_ROWS if self.native else INT8_MAX_ROWS):
+            if self.native:
                 y = native.int8_gemv(rows, self.packed, self.scale, len(rows) <= RESIDUAL_MAX_ROWS)
             else:
                 y = torch._weight_int8pack_mm(rows, self.codes, self.scale)

@@ -212,3 +212,21 @@ def test_learning_rate_schedule_reaches_its_peak_in_short_stages():
         lrs = [cosine_lr(s, steps) for s in range(steps)]
         assert max(lrs) == pytest.approx(1.0) and min(lrs) >= 0.1 - 1e-9
         assert lrs.index(max(lrs)) <= max(1, steps // 10)
+
+
+def test_demote_moves_layers_past_a_prefix():
+    from dsla_serve.distill.order import demote
+
+    order = [5, 3, 9, 1, 7, 0, 2, 8, 4, 6]
+    new = demote(order, [9, 7], past=4)
+    assert new == [5, 3, 1, 0, 9, 7, 2, 8, 4, 6]
+    assert sorted(new) == sorted(order)
+    for n in range(4 + 2, len(order) + 1):  # prefixes from past + len(layers) on hold the same layers
+        assert set(new[:n]) == set(order[:n])
+    for bad in ([9, 9], [11]):
+        with pytest.raises(ValueError, match="distinct layers"):
+            demote(order, bad, past=2)
+    with pytest.raises(ValueError, match="past"):
+        demote(order, [9], past=10)
+    with pytest.raises(ValueError, match="earlier"):  # 6 is last: past 2 others would promote it
+        demote(order, [6], past=2)

@@ -112,6 +112,11 @@ def test_fused_step_follows_parameter_updates(monkeypatch):
     hybrid.dsla(3).gate_far.weight.data = hybrid.dsla(3).gate_far.weight.data + 0.1
     ref = decode(hybrid, caches, tokens, fused=False, monkeypatch=monkeypatch)[0]
     torch.testing.assert_close(decode(hybrid, caches, tokens, fused=True, monkeypatch=monkeypatch)[0], ref)
+    # another model over the same layers, after a change the first one has not seen
+    hybrid.dsla(1).gain.mul_(0.5)
+    other = HybridModel(hybrid.base)
+    ref = decode(other, caches, tokens, fused=False, monkeypatch=monkeypatch)[0]
+    torch.testing.assert_close(decode(other, caches, tokens, fused=True, monkeypatch=monkeypatch)[0], ref)
 
 
 def test_watch_sees_writes_and_moves():
