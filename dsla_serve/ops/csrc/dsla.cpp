@@ -1058,6 +1058,13 @@ inline __m512i dot_group(const __m512i* w, const int32_t* xq, __m512i dot) {
   return _mm512_add_epi32(dot, odd);
 }
 
+template <typename scalar_t>
+inline void store_lanes(scalar_t* dst, __m512 v) {  // 16 float lanes into 16 outputs of any dtype
+  alignas(64) float out[16];
+  _mm512_store_ps(out, v);
+  for (int64_t r = 0; r < 16; ++r) dst[r] = static_cast<scalar_t>(out[r]);
+}
+
 template <typename scalar_t, bool residual>
 at::Tensor int4_gemv_impl(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
                           const at::Tensor& offset) {
@@ -1066,7 +1073,7 @@ at::Tensor int4_gemv_impl(const at::Tensor& x, const at::Tensor& packed, const a
   at::Tensor y = at::empty({M, n_blocks * 16}, x.options());
   scalar_t* y_p = y.data_ptr<scalar_t>();
   const uint8_t* w_p = packed.data_ptr<uint8_t>();
-  const uint16_t* s_p = reinterpret_cast<const uint16_t*>(scale.data_ptr<at::BFloat16>());
+  const c10::BFloat16* s_p = scale.data_ptr<c10::BFloat16>();
   const float* c_p = offset.data_ptr<float>();
   at::parallel_for(0, n_blocks, 4, [&](int64_t b0, int64_t b1) {
     std::vector<__m512> acc(M);
@@ -1082,8 +1089,7 @@ at::Tensor int4_gemv_impl(const at::Tensor& x, const at::Tensor& packed, const a
           codes[2 * p + 1] = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
         }
         const int64_t sg = (rb * n_groups + g) * 16;
-        const __m512 ws = _mm512_castsi512_ps(
-            _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s_p + sg))), 16));
+        const __m512 ws = load16(s_p + sg);
         const __m512 wc = _mm512_loadu_ps(c_p + sg);
         for (int64_t m = 0; m < M; ++m) {
           const int64_t mg = m * n_groups + g;
@@ -1094,11 +1100,7 @@ at::Tensor int4_gemv_impl(const at::Tensor& x, const at::Tensor& packed, const a
           acc[m] = _mm512_fmadd_ps(wc, _mm512_set1_ps(c.xsum[mg]), acc[m]);
         }
       }
-      for (int64_t m = 0; m < M; ++m) {
-        alignas(64) float out[16];
-        _mm512_store_ps(out, acc[m]);
-        for (int64_t r = 0; r < 16; ++r) y_p[m * n_blocks * 16 + rb * 16 + r] = static_cast<scalar_t>(out[r]);
-      }
+      for (int64_t m = 0; m < M; ++m) store_lanes(y_p + m * n_blocks * 16 + rb * 16, acc[m]);
     }
   });
   return y;
@@ -1125,7 +1127,7 @@ at::Tensor int8_gemv_impl(const at::Tensor& x, const at::Tensor& packed, const a
   at::Tensor y = at::empty({M, n_blocks * 16}, x.options());
   scalar_t* y_p = y.data_ptr<scalar_t>();
   const uint8_t* w_p = packed.data_ptr<uint8_t>();
-  const uint16_t* s_p = reinterpret_cast<const uint16_t*>(scale.data_ptr<at::BFloat16>());
+  const c10::BFloat16* s_p = scale.data_ptr<c10::BFloat16>();
   at::parallel_for(0, n_blocks, 4, [&](int64_t b0, int64_t b1) {
     std::vector<__m512> acc(M);
     for (int64_t rb = b0; rb < b1; ++rb) {
@@ -1142,13 +1144,8 @@ at::Tensor int8_gemv_impl(const at::Tensor& x, const at::Tensor& packed, const a
           }
         }
       }
-      const __m512 ws = _mm512_castsi512_ps(
-          _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s_p + rb * 16))), 16));
-      for (int64_t m = 0; m < M; ++m) {
-        alignas(64) float out[16];
-        _mm512_store_ps(out, _mm512_mul_ps(acc[m], ws));
-        for (int64_t r = 0; r < 16; ++r) y_p[m * n_blocks * 16 + rb * 16 + r] = static_cast<scalar_t>(out[r]);
-      }
+      const __m512 ws = load16(s_p + rb * 16);
+      for (int64_t m = 0; m < M; ++m) store_lanes(y_p + m * n_blocks * 16 + rb * 16, _mm512_mul_ps(acc[m], ws));
     }
   });
   return y;
