@@ -293,11 +293,12 @@ class DSLAAttention(nn.Module):
                 (ak, bk), (av, bv), (aq, bq), (ao, bo) = (ada.get(n, (none, none)) for n in "kvqo")
                 weight, bias = self.gate_weights()  # columns per KV head [k_h | v_h] -> [k | v] as the step reads
                 weight = weight.view(len(weight), self.num_kv_heads, 2, self.head_dim).transpose(1, 2).flatten(1)
-                gated = self.config.output_gate
+                c = self.config
                 p = StepParams(
                     weight.detach().contiguous(), bias.detach().contiguous(), ak, bk, av, bv, aq, bq, ao, bo,
-                    cast(self.mix_weights()), cast(self.gain), cast(self.out_gate.weight.t()) if gated else none,
-                    cast(self.out_gate_bias) if gated else none,
+                    cast(self.mix_weights()), cast(self.gain), cast(self.out_gate.weight.t()) if c.output_gate else none,
+                    cast(self.out_gate_bias) if c.output_gate else none, (self.num_heads, self.num_kv_heads, self.head_dim),
+                    c.gate_normalizer, GATE_MIN, c.eps, c.normalize, c.rope,
                 )  # fmt: skip
             self._step_cache = (key, p)
         return self._step_cache[1]

@@ -111,6 +111,11 @@ class Int4Linear(nn.Module):
         """The dequantised weight (what the layer computes with), for code that reads ``.weight``."""
         return self.weight_bf16
 
+    def gemv_args(self) -> native.Int4Args | None:
+        """What the C++ GEMV reads (packed codes, scales, offsets) where the fused decode-layer calls can run
+        this linear (a VNNI build, no bias), else None."""
+        return (self.packed, self.scale, self.offset) if self.vnni and self.bias is None else None
+
     def forward(self, x: Tensor) -> Tensor:
         rows = as_dtype(x.reshape(-1, self.in_features), torch.bfloat16)
         if rows.shape[0] <= INT4_MAX_ROWS:

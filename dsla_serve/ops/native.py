@@ -13,7 +13,9 @@ compute-bound; this one quantises the few activation rows to int8 per group of 3
 integers with AVX512-VNNI.
 
 RMS norm and silu(gate)·up (``rms_norm``, ``silu_mul``): one pass each instead of four and two ATen
-ops, rounded where those ops round; at batch 1 they were ~10 dispatches per layer. RoPE (``rope``):
+ops, rounded where those ops round; at batch 1 they were ~10 dispatches per layer. With int4 weights a
+decode layer's norms, linears and residual adds are three calls around the token mixing (``norm_int4``,
+``int4_residual``, ``int4_mlp``). RoPE (``rope``):
 one pass instead of five ATen ops over q and k before attention's prefill (0.7 of its 3.0 ms a layer
 at 1024 tokens).
 
@@ -115,29 +117,41 @@ class StepParams:
     gain: Tensor  # (Hq, D)
     og_w: Tensor  # (D, D)
     og_b: Tensor  # (Hq, D)
+    heads: tuple[int, int, int]  # Hq, Hkv, D
+    gate_normalizer: float
+    gate_min: float
+    eps: float
+    normalize: bool
+    rope: bool
 
-    def __post_init__(self) -> None:  # the kernel's arguments in order, gathered once (not per decode step)
-        object.__setattr__(self, "args", tuple(getattr(self, f.name) for f in fields(self)))
+    def bound(self) -> object:
+        """The parameters and options as one C++ object (made on first use, kept): converting ~25 arguments
+        per decode step cost ~5 µs of a ~90 µs layer step at batch 1."""
+        if "_bound" not in self.__dict__:
+            names = [f.name for f in fields(self)]
+            tensors = [getattr(self, n) for n in names[: names.index("heads")]]
+            D = self.heads[2]
+            options = (self.gate_normalizer, self.gate_min, self.eps, self.normalize, self.rope, D**-0.5, D**-0.5)
+            object.__setattr__(self, "_bound", load().StepLayer(tensors, *self.heads, *options))
+        return self.__dict__["_bound"]
 
 
 def decode_step(
     qkv: Tensor, hidden: Tensor, cos: Tensor, sin: Tensor, lcos: Tensor, lsin: Tensor, pos: Tensor, slots: Tensor,
-    states: Tensor, ring_k: Tensor, ring_v: Tensor, p: StepParams, *, heads: tuple[int, int, int],
-    gate_normalizer: float, gate_min: float, eps: float, normalize: bool, rope: bool,
+    states: Tensor, ring_k: Tensor, ring_v: Tensor, p: StepParams,
 ) -> tuple[Tensor, Tensor | None]:  # fmt: skip
     """One decode token for B pooled sequences of a DSLA layer; states and rings updated in place.
 
-    qkv (B, (Hq + 2·Hkv)·D) un-rotated; hidden (B, hidden) the layer input (read by a q adapter);
+    qkv (B, (Hq + 2·Hkv)·D) un-rotated; hidden (B, hidden) the layer input (read by a q adapter) (both
+    may be (B, 1, n));
     cos/sin (B, D) of the new token, lcos/lsin (B, D) of the token leaving the window; pos (B,) the
     new token's position; slots (B,) pool slots of ``states`` (S, 2, Hkv, D, D) and the rings
     (S, Hkv, W, D). Returns the mixed read-out (B, Hq·D) before o_proj and the o adapter's output
     (B, hidden), or None without one.
     """
-    Hq, Hkv, D = heads
-    o, extra = load().dsla_decode_step(
-        qkv, hidden, cos, sin, lcos, lsin, pos, slots, states, ring_k, ring_v, *p.args, Hq, Hkv, D, gate_normalizer,
-        gate_min, eps, normalize, rope, D**-0.5, D**-0.5,
-    )  # fmt: skip
+    o, extra = load().dsla_decode_layer(
+        qkv, hidden, cos, sin, lcos, lsin, pos, slots, states, ring_k, ring_v, p.bound()
+    )
     return o, (extra if extra.numel() else None)
 
 
@@ -145,7 +159,8 @@ def attention_decode(
     qkv: Tensor, cos: Tensor, sin: Tensor, keys: list[Tensor], values: list[Tensor], lengths: list[int],
     heads: tuple[int, int, int],
 ) -> Tensor:  # fmt: skip
-    """One attention decode token for B sequences: qkv (B, (Hq + 2·Hkv)·D) un-rotated, cos/sin (B, D).
+    """One attention decode token for B sequences: qkv (B, (Hq + 2·Hkv)·D) un-rotated, cos/sin (B, D) (or
+    each (B, 1, n)).
     Each row's rotated key and value are written at ``lengths[b]`` of its (Hkv, capacity, D) buffers
     (in place; the caller makes room and advances the length); returns the output (B, Hq·D) before
     o_proj, softmax over the row's lengths[b] + 1 keys."""
@@ -198,6 +213,27 @@ def int4_gemv(x: Tensor, packed: Tensor, scale: Tensor, offset: Tensor, residual
     activations are quantised to int8 per group of 32; ``residual``: and what that misses, in a second
     int8 pass (twice the integer products, ~1/254 of the rounding error)."""
     return load().int4_gemv(x, packed, scale, offset, residual)
+
+
+Int4Args = tuple[Tensor, Tensor, Tensor]  # an int4 linear's (packed, scale, offset), as ``int4_gemv`` reads them
+
+
+def norm_int4(x: Tensor, norm_w: Tensor, eps: float, w: Int4Args, residual: bool = False) -> tuple[Tensor, Tensor]:
+    """h = ``rms_norm``(x) and h W^T (x (B, T, hidden); W int4): what ``rms_norm`` then ``int4_gemv`` return."""
+    return load().norm_int4(x, norm_w, eps, *w, residual)
+
+
+def int4_residual(x: Tensor, o: Tensor, w: Int4Args, extra: Tensor | None = None, residual: bool = False) -> Tensor:
+    """x + (o W^T + extra), rounded as those three ops round (``extra``: e.g. an o adapter's output)."""
+    return load().int4_residual(x, o, *w, residual, o.new_empty(0) if extra is None else extra)
+
+
+def int4_mlp(
+    x: Tensor, norm_w: Tensor, eps: float, gate_up: Int4Args, down: Int4Args, residual: bool = False
+) -> Tensor:
+    """x + down(silu(gate) · up) of rms_norm(x), gate and up one fused int4 linear; rounded as the
+    separate calls (``rms_norm``, ``int4_gemv``, ``silu_mul``, ``int4_gemv``, add) round."""
+    return load().int4_mlp(x, norm_w, eps, *gate_up, *down, residual)
 
 
 def check_gates(g_far: Tensor | None, g_close: Tensor | None, gate_logits: GateLogits | None) -> None:

@@ -199,6 +199,20 @@ def test_fold_then_continue_matches_sequence_that_started_as_dsla(window, adapte
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_table_equals_the_module(dtype):
+    """Decode steps read cos/sin from a table the rotary module built: the very values the module gives,
+    within the table and past it (the module itself there)."""
+    hybrid = HybridModel(tiny_llama().to(dtype))  # max_position_embeddings 512
+    x = torch.zeros(3, 1, 64, dtype=dtype)
+    for positions in (torch.tensor([[0], [7], [511]]), torch.tensor([[5], [512], [900]])):
+        got, want = hybrid.rotary(x, positions), hybrid.rotary_emb(x, positions)
+        assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    hybrid.rotary_emb.rope_type, hybrid._rotary = "yarn", ((), None)  # a type outside STATIC_ROPE: the module
+    got, want = hybrid.rotary(x, positions), hybrid.rotary_emb(x, positions)
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True)) and hybrid._rotary[1] is None
+
+
 @WINDOWS
 def test_cache_bytes_per_sequence(window):
     hybrid = hybrid_with(range(4), window=window)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from dsla_serve.config import DSLAConfig
 from dsla_serve.model import HybridCache, HybridModel, convert
+from dsla_serve.model.quant import quantize_model
 from dsla_serve.ops import native
 from tests.conftest import randomize_gates, tiny_llama
 
@@ -250,3 +251,41 @@ def test_single_sequence_step_and_native_norm_mlp(monkeypatch):
     layers = len(hybrid.base.model.layers)
     assert len(norms) == 5 * (2 * layers + 1) and len(mlps) == 5 * layers
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+@torch.no_grad()
+def test_int4_decode_layer_equals_the_general_path(monkeypatch):
+    """With int4 weights a decode layer's norms, linears and residual adds run as three C++ calls
+    (``HybridModel.decode_layer``). A batch whose layers are all-attention, all-DSLA or split between
+    plans, and one sequence alone, give the very logits, states and windows of the module-by-module path."""
+    if not native.has_int4_gemv():
+        pytest.skip("no AVX512-VNNI: int4 linears run on ATen's kernel, outside the fused layer calls")
+    model = tiny_llama()
+    randomize_gates(convert(model, range(4), config=CONFIGS["window-adapters-gate"]).values())
+    model = model.to(torch.bfloat16)
+    quantize_model(model, "int4", lm_head=False)
+    hybrid = HybridModel(model)
+    tokens = torch.randint(0, 99, (3, 6))
+    for plans, lengths in (([range(4), [0, 2], [1, 3], [0, 1]], (2, 5, 9, 3)), ([[0, 2]], (7,))):
+        caches = prefilled(hybrid, [hybrid.new_cache(plan) for plan in plans], lengths)
+        rows = tokens[: len(plans)] if len(plans) <= 3 else torch.cat([tokens, tokens[:1]])
+        mlps = count_calls(monkeypatch, "int4_mlp")
+        out, states, windows = decode(hybrid, caches, rows, fused=True, monkeypatch=monkeypatch)
+        assert len(mlps) == 4 * rows.shape[1]  # every layer of every step ran the fused calls
+        with monkeypatch.context() as m:
+            m.setattr(HybridModel, "int4_layer", lambda self, i: None)
+            ref, ref_states, ref_windows = decode(hybrid, caches, rows, fused=True, monkeypatch=monkeypatch)
+        assert len(mlps) == 4 * rows.shape[1]
+        assert torch.equal(out, ref)
+        for got, want in ((states, ref_states), (windows, ref_windows)):
+            pairs = [
+                (x, y)
+                for a, b in zip(got, want, strict=True)
+                for p, q in zip(a, b, strict=True)
+                for x, y in zip(p, q, strict=True)
+            ]
+            assert pairs and all(torch.equal(x, y) for x, y in pairs)
+    assert hybrid.int4_layer(0) is not None
+    mlp = model.model.layers[0].mlp
+    mlp.down_proj = torch.nn.Linear(mlp.down_proj.in_features, mlp.down_proj.out_features, bias=False)
+    assert hybrid.int4_layer(0) is None  # a replaced projection is seen (the memo is not stale)

@@ -1298,6 +1298,28 @@ std::vector<at::Tensor> dsla_decode_step(
   return out;
 }
 
+struct StepLayer {
+  // A DSLA layer's step parameters and options (StepParams in native.py), converted from Python once per
+  // change: handing the kernel ~25 arguments per call cost ~5 us of a ~90 us layer step at batch 1.
+  std::vector<at::Tensor> p;  // gate_w, gate_b, ak, bk, av, bv, aq, bq, ao, bo, mix, gain, og_w, og_b
+  int64_t Hq, Hkv, D;
+  double gate_normalizer, gate_min, eps;
+  bool normalize, rope;
+  double scale, window_scale;
+};
+
+std::vector<at::Tensor> dsla_decode_layer(at::Tensor qkv, at::Tensor hidden, at::Tensor cos, at::Tensor sin,
+                                          at::Tensor lcos, at::Tensor lsin, at::Tensor pos, at::Tensor slots,
+                                          at::Tensor states, at::Tensor ring_k, at::Tensor ring_v, const StepLayer& l) {
+  // qkv and hidden (B, n) or a decode step's (B, 1, n): viewed here, not by a Python op per layer
+  const std::vector<at::Tensor>& p = l.p;
+  qkv = qkv.reshape({qkv.size(0), -1});
+  if (hidden.numel()) hidden = hidden.reshape({hidden.size(0), -1});
+  return dsla_decode_step(qkv, hidden, cos, sin, lcos, lsin, pos, slots, states, ring_k, ring_v, p[0], p[1], p[2], p[3],
+                          p[4], p[5], p[6], p[7], p[8], p[9], p[10], p[11], p[12], p[13], l.Hq, l.Hkv, l.D,
+                          l.gate_normalizer, l.gate_min, l.eps, l.normalize, l.rope, l.scale, l.window_scale);
+}
+
 class Watch {
   // Tensors and a snapshot of their (data pointer, version counter): changed() says whether any was
   // written or moved since the last call. Held here, a decode step checks a model's ~500 DSLA parameters
@@ -1401,8 +1423,10 @@ std::vector<at::Tensor> dsla_scan(at::Tensor q, at::Tensor k, at::Tensor v, at::
 at::Tensor attention_decode(at::Tensor qkv, at::Tensor cos, at::Tensor sin, std::vector<at::Tensor> keys,
                             std::vector<at::Tensor> values, std::vector<int64_t> lengths, int64_t Hq, int64_t Hkv,
                             int64_t D, double scale) {
-  TORCH_CHECK(qkv.device().is_cpu() && qkv.dim() == 2 && qkv.size(1) == (Hq + 2 * Hkv) * D,
-              "qkv must be (B, (Hq + 2 Hkv) D) on the CPU");
+  // qkv, cos and sin (B, n) or a decode step's (B, 1, n): viewed here, not by a Python op per layer
+  TORCH_CHECK(qkv.dim() >= 2 && cos.dim() >= 2 && sin.dim() >= 2, "qkv, cos and sin must be (B, n) or (B, 1, n)");
+  qkv = qkv.reshape({qkv.size(0), -1}), cos = cos.reshape({cos.size(0), -1}), sin = sin.reshape({sin.size(0), -1});
+  TORCH_CHECK(qkv.device().is_cpu() && qkv.size(1) == (Hq + 2 * Hkv) * D, "qkv must be (B, (Hq + 2 Hkv) D) on the CPU");
   const int64_t B = qkv.size(0);
   TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, "query heads must be a multiple of KV heads");
   TORCH_CHECK(int64_t(keys.size()) == B && int64_t(values.size()) == B && int64_t(lengths.size()) == B,
@@ -1517,6 +1541,43 @@ at::Tensor silu_mul(at::Tensor gate_up) {
   return out;
 }
 
+// ---- a decode layer's int4 linears in three calls ----
+//
+// At batch 1 a layer's linears, norms and residual adds were ~10 Python-level calls (module dispatch,
+// reshapes, dtype checks) of 3-10 us each around ~0.25 ms of kernels: a third of the step. These compose
+// the kernels above in one call each, computing and rounding exactly as the separate calls do.
+
+at::Tensor rows2d(const at::Tensor& x) { return x.reshape({-1, x.size(-1)}); }
+
+at::Tensor as_rows_of(const at::Tensor& y, const at::Tensor& like) {  // (M, n) -> like's leading shape + (n,)
+  std::vector<int64_t> shape(like.sizes().begin(), like.sizes().end());
+  shape.back() = y.size(-1);
+  return y.view(shape);
+}
+
+std::vector<at::Tensor> norm_int4(at::Tensor x, at::Tensor norm_w, double eps, at::Tensor packed, at::Tensor scale,
+                                  at::Tensor offset, bool residual) {
+  // h = rms_norm(x), y = h W^T: the layer input of the token mixing and its fused q/k/v
+  at::Tensor h = rms_norm(x, norm_w, eps);
+  return {h, as_rows_of(int4_gemv(rows2d(h), packed, scale, offset, residual), h)};
+}
+
+at::Tensor int4_residual(at::Tensor x, at::Tensor o, at::Tensor packed, at::Tensor scale, at::Tensor offset,
+                         bool residual, at::Tensor extra) {
+  // x + (o W^T + extra): the mixing's output projection (extra: the o adapter's output, or empty)
+  at::Tensor y = int4_gemv(rows2d(o), packed, scale, offset, residual);
+  if (extra.numel()) y.add_(rows2d(extra));
+  return x + y.view(x.sizes());
+}
+
+at::Tensor int4_mlp(at::Tensor x, at::Tensor norm_w, double eps, at::Tensor gu_packed, at::Tensor gu_scale,
+                    at::Tensor gu_offset, at::Tensor down_packed, at::Tensor down_scale, at::Tensor down_offset,
+                    bool residual) {
+  // x + down(silu(gate) * up)(rms_norm(x)) with gate and up fused
+  at::Tensor gate_up = int4_gemv(rows2d(rms_norm(x, norm_w, eps)), gu_packed, gu_scale, gu_offset, residual);
+  return x + int4_gemv(silu_mul(gate_up), down_packed, down_scale, down_offset, residual).view(x.sizes());
+}
+
 at::Tensor rope(at::Tensor x, at::Tensor cos, at::Tensor sin) {
   TORCH_CHECK(x.device().is_cpu() && x.dim() == 4 && x.size(3) % 2 == 0, "rope: x must be a CPU (B, H, T, D), D even");
   TORCH_CHECK(cos.dim() == 3 && cos.size(0) == x.size(0) && cos.size(1) == x.size(2) && cos.size(2) == x.size(3) &&
@@ -1535,12 +1596,21 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "Llama RMSNorm (float statistics, rounded as the ATen ops round)");
   m.def("rope", &rope, "Llama's rotary embedding of (B, H, T, D) by (B, T, D) tables: a contiguous copy");
   m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused (..., 2 I) [gate | up]");
-  m.def("dsla_decode_step", &dsla_decode_step, "one fused DSLA decode step over pooled slots (in place)");
   m.def("attention_decode", &attention_decode, "one attention decode token for a batch (KV appended in place)");
   m.def("has_int4_gemv", &has_int4_gemv, "whether this build has the AVX512-VNNI int4 GEMV");
   m.def("int8_dequant", &int8_dequant, "int8_gemv's packed weights as a bf16 (out, in) matrix");
   m.def("int8_gemv", &int8_gemv, "y = x W^T for a few rows x and int8 weights packed for VNNI");
   m.def("int4_gemv", &int4_gemv, "y = x W^T for a few rows x and int4 weights packed for VNNI");
+  m.def("norm_int4", &norm_int4, "rms_norm(x) and its int4 projection");
+  m.def("int4_residual", &int4_residual, "x + o W^T (+ extra), int4 weights");
+  m.def("int4_mlp", &int4_mlp, "x + a gated silu MLP of rms_norm(x), int4 weights");
+  py::class_<StepLayer>(m, "StepLayer")
+      .def(py::init([](std::vector<at::Tensor> p, int64_t Hq, int64_t Hkv, int64_t D, double gate_normalizer,
+                       double gate_min, double eps, bool normalize, bool rope, double scale, double window_scale) {
+        TORCH_CHECK(p.size() == 14, "StepLayer takes the 14 parameter tensors of StepParams");
+        return StepLayer{std::move(p), Hq, Hkv, D, gate_normalizer, gate_min, eps, normalize, rope, scale, window_scale};
+      }));
+  m.def("dsla_decode_layer", &dsla_decode_layer, "dsla_decode_step with a StepLayer's parameters and options");
   py::class_<Watch>(m, "Watch")
       .def(py::init<std::vector<at::Tensor>>())
       .def("changed", &Watch::changed, "whether any tensor was written or moved since the last call");
