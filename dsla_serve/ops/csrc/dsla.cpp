@@ -1001,6 +1001,10 @@ at::Tensor attention_impl(const at::Tensor& qkv, const at::Tensor& cos, const at
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 constexpr bool kInt4Gemv = true;
+// NOTE(decisions): the GEMVs stream their weights from memory (~100 MB a decode step); prefetching 2 KiB
+// ahead (past a 4 KiB page, where the hardware prefetcher stops) made batch-1 decode ~7 % faster and
+// batch 8 ~4 % (3 alternating runs each; 1 KiB and 4 KiB measured no better).
+constexpr int64_t PREFETCH = 2048;
 
 struct RowCodes {
   // Rows of activations (M, in) as int8 codes per group of 32 inputs: x ~ d[0] q[0], and with the
@@ -1022,6 +1026,30 @@ RowCodes quantize_rows(const scalar_t* x, int64_t M, int64_t in, bool residual) 
   c.xsum.resize(M * c.n_groups);
   for (int64_t p = 0; p < c.passes; ++p) {
     c.q[p].resize(M * in), c.d[p].resize(M * c.n_groups), c.qsum[p].resize(M * c.n_groups);
+  }
+  if constexpr (!std::is_same_v<scalar_t, double>) {  // the same arithmetic 16 lanes at a time
+    for (int64_t m = 0; m < M; ++m) {
+      for (int64_t g = 0; g < c.n_groups; ++g) {
+        const scalar_t* xg = x + m * in + g * 32;
+        __m512 v[2] = {load16(xg), load16(xg + 16)};
+        c.xsum[m * c.n_groups + g] = _mm512_reduce_add_ps(_mm512_add_ps(v[0], v[1]));
+        for (int64_t p = 0; p < c.passes; ++p) {
+          const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v[0]), _mm512_abs_ps(v[1])));
+          const float d = amax / 127.0f, inv = d > 0 ? 1.0f / d : 0.0f;
+          int8_t* q = c.q[p].data() + m * in + g * 32;
+          __m512i qs = _mm512_setzero_si512();
+          for (int64_t h = 0; h < 2; ++h) {  // round to nearest even, as lrintf
+            const __m512i qh = _mm512_cvtps_epi32(_mm512_mul_ps(v[h], _mm512_set1_ps(inv)));
+            _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 16 * h), _mm512_cvtsepi32_epi8(qh));
+            qs = _mm512_add_epi32(qs, qh);
+            v[h] = _mm512_fnmadd_ps(_mm512_set1_ps(d), _mm512_cvtepi32_ps(qh), v[h]);
+          }
+          c.d[p][m * c.n_groups + g] = d;
+          c.qsum[p][m * c.n_groups + g] = _mm512_reduce_add_epi32(qs);
+        }
+      }
+    }
+    return c;
   }
   for (int64_t m = 0; m < M; ++m) {
     for (int64_t g = 0; g < c.n_groups; ++g) {
@@ -1082,6 +1110,7 @@ at::Tensor int4_gemv_impl(const at::Tensor& x, const at::Tensor& packed, const a
       for (int64_t m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
       for (int64_t g = 0; g < n_groups; ++g) {
         const uint8_t* wg = w_p + (rb * n_groups + g) * 256;
+        for (int64_t l = 0; l < 4; ++l) _mm_prefetch(reinterpret_cast<const char*>(wg + PREFETCH + 64 * l), _MM_HINT_T0);
         __m512i codes[8];
         for (int64_t p = 0; p < 4; ++p) {
           const __m512i v = _mm512_loadu_si512(wg + p * 64);
@@ -1135,7 +1164,10 @@ at::Tensor int8_gemv_impl(const at::Tensor& x, const at::Tensor& packed, const a
       const uint8_t* wb = w_p + rb * (in / 4) * 64;
       for (int64_t g = 0; g < n_groups; ++g) {
         __m512i w[8];
-        for (int64_t q = 0; q < 8; ++q) w[q] = _mm512_loadu_si512(wb + (g * 8 + q) * 64);
+        for (int64_t q = 0; q < 8; ++q) {
+          _mm_prefetch(reinterpret_cast<const char*>(wb + (g * 8 + q) * 64 + PREFETCH), _MM_HINT_T0);
+          w[q] = _mm512_loadu_si512(wb + (g * 8 + q) * 64);
+        }
         for (int64_t m = 0; m < M; ++m) {
           for (int64_t p = 0; p < (residual ? 2 : 1); ++p) {  // the weights' offset of 128 adds 128 x the codes' sum
             const int64_t mg = m * n_groups + g;
