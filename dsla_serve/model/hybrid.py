@@ -13,8 +13,9 @@ Hot path (decode): q/k/v come from one fused projection per layer; the plan grou
 computed once for all layers; on the CPU each layer is one C++ call per group: a DSLA layer steps the
 group's pooled states in place, an attention layer rotates, appends to every sequence's KV cache and
 attends for the whole group (``native.attention_decode``); the norms and the MLP's silu(gate)·up are
-one C++ pass each. Per-layer Python is kept small: at batch 1 a layer's decode is ~0.3 ms, of which
-each avoidable lookup or tiny tensor op costs 2-10 µs. Without the C++ kernels attention decode
+one C++ pass each, and with int4 weights (the default) a layer's norms, linears and residual adds are
+three C++ calls around its token mixing (``decode_layer``). Per-layer Python is kept small: at batch 1
+a layer's decode is ~0.25 ms, of which each avoidable lookup or tiny tensor op costs 2-10 µs. Without the C++ kernels attention decode
 views each KV group's G query heads as G query rows (one SDPA per sequence without the grouped-query
 expansion, measured 7x faster at 8192 cached keys than ``enable_gqa``).
 """
@@ -146,7 +147,7 @@ class HybridModel(nn.Module):
         self._generation = -1
         self._blocks = list(decoder_layers(base))  # convert swaps their self_attn, never the layers
         self._int4: dict[int, tuple[int, Int4Layer | None]] = {}  # layer -> (STRUCTURE when made, weights)
-        self._rotary: tuple[tuple, tuple[Tensor, Tensor] | None] = ((), None)  # (key, cos/sin of every position)
+        self._rotary: tuple[tuple, tuple[Tensor, Tensor] | None] = ((), None)  # (key, (n, D) cos/sin tables)
 
     @property
     def dsla_layers(self) -> list[int]:
@@ -281,7 +282,7 @@ class HybridModel(nn.Module):
         decode = cache is not None and T == 1 and native_ok(x)
         if decode:
             self._ring["pos", tuple(lengths)] = (starts,)
-        cos, sin = self.rotary(x, positions) if decode else self.rotary_emb(x, positions)  # (B, T, D) each
+        cos, sin = self.rotary(x, positions, max(lengths)) if decode else self.rotary_emb(x, positions)  # (B, T, D)
         keep = set(hidden_states_at)
         hidden: dict[int, Tensor] = {}
         int4_step = decode and B <= INT4_MAX_ROWS and x.dtype == torch.bfloat16
@@ -555,26 +556,26 @@ class HybridModel(nn.Module):
         key = ("rows", W) if len(rows) == len(lengths) else ("rows", W, tuple(rows))  # rows: sorted, distinct
         if key not in self._ring:
             pos = self.positions([lengths[r] for r in rows], cos.device)
-            lcos, lsin = (cos, sin) if not W else self.rotary(cos, (pos - W).clamp(min=0)[:, None])
+            lcos, lsin = (cos, sin) if not W else self.rotary(cos, (pos - W).clamp(min=0)[:, None], max(lengths))
             self._ring[key] = (pos, cos[:, 0], sin[:, 0], lcos[:, 0], lsin[:, 0])
         return self._ring[key]
 
-    def rotary(self, x: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
-        """``rotary_emb(x, positions)`` (B, T, D) each, for a decode step: rows of a table of every position
-        the model takes (built by the module itself, so the same values) where its rotary embedding is
-        static, else the module. NOTE(decisions): the module's call was ~22 µs a step, the table's ~3."""
+    def rotary(self, x: Tensor, positions: Tensor, top: int) -> tuple[Tensor, Tensor]:
+        """``rotary_emb(x, positions)`` (B, T, D) each, for a decode step (``top`` ≥ every position): rows
+        of a table of every position the model takes (built by the module itself, so the same values) where
+        its rotary embedding is static, else the module. NOTE(decisions): the module's call cost ~21 µs a
+        step, the table's rows ~7."""
         emb = self.rotary_emb
         inv_freq = getattr(emb, "inv_freq", None)
         n = min(getattr(self.config, "max_position_embeddings", 0), ROTARY_TABLE_MAX)
-        if getattr(emb, "rope_type", None) not in STATIC_ROPE or not isinstance(inv_freq, Tensor):
+        if top >= n or getattr(emb, "rope_type", None) not in STATIC_ROPE or not isinstance(inv_freq, Tensor):
             return emb(x, positions)
         key = (x.dtype, x.device, inv_freq.data_ptr(), inv_freq._version, emb.attention_scaling, n)
         if self._rotary[0] != key:
-            self._rotary = (key, emb(x, torch.arange(n, device=x.device)[None]))
+            cos, sin = emb(x, torch.arange(n, device=x.device)[None])
+            self._rotary = (key, (cos[0], sin[0]))
         cos, sin = self._rotary[1]
-        if int(positions.max()) >= n:
-            return emb(x, positions)
-        return cos[0][positions], sin[0][positions]
+        return cos[positions], sin[positions]
 
     def positions(self, lengths: list[int], device) -> Tensor:
         """The new tokens' positions (B,) int64, memoised per step."""

@@ -206,10 +206,10 @@ def test_rotary_table_equals_the_module(dtype):
     hybrid = HybridModel(tiny_llama().to(dtype))  # max_position_embeddings 512
     x = torch.zeros(3, 1, 64, dtype=dtype)
     for positions in (torch.tensor([[0], [7], [511]]), torch.tensor([[5], [512], [900]])):
-        got, want = hybrid.rotary(x, positions), hybrid.rotary_emb(x, positions)
+        got, want = hybrid.rotary(x, positions, int(positions.max())), hybrid.rotary_emb(x, positions)
         assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
     hybrid.rotary_emb.rope_type, hybrid._rotary = "yarn", ((), None)  # a type outside STATIC_ROPE: the module
-    got, want = hybrid.rotary(x, positions), hybrid.rotary_emb(x, positions)
+    got, want = hybrid.rotary(x, positions, 900), hybrid.rotary_emb(x, positions)
     assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True)) and hybrid._rotary[1] is None
 
 
