@@ -1221,8 +1221,17 @@ at::Tensor rms_norm_impl(const at::Tensor& x, const at::Tensor& weight, double e
 #pragma omp simd reduction(+ : ss)
       for (int64_t i = 0; i < n; ++i) ss += float(xr[i]) * float(xr[i]);
       const float inv = 1.0f / std::sqrt(ss / float(n) + float(eps));
+      int64_t i0 = 0;
+#if defined(__AVX512F__)
+      if constexpr (!std::is_same_v<scalar_t, double>) {  // the same roundings 16 lanes at a time: converting
+        for (; i0 + 16 <= n; i0 += 16) {                   // one element at a time cost ~1 ns an element
+          const __m512 normed = round16(xr, _mm512_mul_ps(load16(xr + i0), _mm512_set1_ps(inv)));
+          store16(yr + i0, round16(xr, _mm512_mul_ps(load16(w_p + i0), normed)));
+        }
+      }
+#endif
 #pragma omp simd
-      for (int64_t i = 0; i < n; ++i) {
+      for (int64_t i = i0; i < n; ++i) {
         yr[i] = static_cast<scalar_t>(out_t(w_p[i]) * out_t(static_cast<scalar_t>(float(xr[i]) * inv)));
       }
     }
