@@ -274,9 +274,10 @@ class DSLAAttention(nn.Module):
             o = o * (2 * torch.sigmoid(self.out_gate(q) + self.out_gate_bias[:, None, :]))
         return o.transpose(1, 2).reshape(B, 1, -1)
 
-    def step_inputs(self) -> list[nn.Parameter]:
-        """The parameters the fused decode step reads (collected once: walking the module tree costs 16 µs)."""
-        if not hasattr(self, "_step_inputs"):
+    def step_inputs(self, refresh: bool = False) -> list[nn.Parameter]:
+        """The parameters the fused decode step reads (collected once: walking the module tree costs 16 µs;
+        ``refresh`` after parameters were replaced)."""
+        if refresh or not hasattr(self, "_step_inputs"):
             self._step_inputs = list(self.dsla_parameters().values())
         return self._step_inputs
 

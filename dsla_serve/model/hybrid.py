@@ -15,9 +15,9 @@ group's pooled states in place, an attention layer rotates, appends to every seq
 attends for the whole group (``native.attention_decode``); the norms and the MLP's silu(gate)·up are
 one C++ pass each, and with int4 weights (the default) a layer's norms, linears and residual adds are
 three C++ calls around its token mixing (``decode_layer``). Per-layer Python is kept small: at batch 1
-a layer's decode is ~0.25 ms, of which each avoidable lookup or tiny tensor op costs 2-10 µs. Without the C++ kernels attention decode
-views each KV group's G query heads as G query rows (one SDPA per sequence without the grouped-query
-expansion, measured 7x faster at 8192 cached keys than ``enable_gqa``).
+a layer's decode is ~0.25 ms, of which each avoidable lookup or tiny tensor op costs 2-10 µs. Without
+the C++ kernels attention decode views each KV group's G query heads as G query rows (one SDPA per
+sequence without the grouped-query expansion, measured 7x faster at 8192 cached keys than ``enable_gqa``).
 """
 
 from __future__ import annotations
@@ -32,9 +32,10 @@ from torch import Tensor, nn
 from torch.nn.attention.bias import causal_lower_right
 
 from dsla_serve.layers import DSLAAttention, rotate
+from dsla_serve.model import quant
 from dsla_serve.model.cache import HybridCache, KVLayer, SequenceCache, StateLayer, StatePool
 from dsla_serve.model.convert import check_layers, converted_layers, decoder_layers, unconverted
-from dsla_serve.model.quant import INT4_MAX_ROWS, INT4_RESIDUAL, Int4Linear
+from dsla_serve.model.quant import QUANTIZERS, Int4Linear
 from dsla_serve.ops import native
 from dsla_serve.ops.recurrent import as_dtype
 
@@ -45,8 +46,6 @@ def fuse_linears(linears: list[nn.Module]) -> nn.Module | None:
     Quantised linears are re-quantised from their dequantised weights: per-output-channel (int8) and
     per-group (int4) codes of a concatenation are the parts' own codes, so the result computes the same.
     """
-    from dsla_serve.model.quant import QUANTIZERS
-
     if len({type(m) for m in linears}) > 1:
         return None  # mixed kinds (a shape one kernel cannot pack): the projections stay separate
     weight = torch.cat([m.weight for m in linears])
@@ -72,12 +71,14 @@ def fuse_linears(linears: list[nn.Module]) -> nn.Module | None:
 
 GENERATIONS = itertools.count()  # of DSLA parameters, for every HybridModel (``params_generation``)
 # Moves whenever any module anywhere registers a submodule, parameter or buffer (a layer converted, a
-# projection replaced or quantised): ``int4_layer``'s memo is stale then. A per-layer identity check of
-# the ~11 modules it reads cost ~4 us a layer; this, one comparison.
-STRUCTURE = [0]
+# projection replaced or quantised): memos of what a decode step reads are stale then (``int4_layer``,
+# ``params_generation``). NOTE(decisions): checking the identity of the ~11 modules a layer reads cost ~4 µs
+# a layer per step; this is one comparison. Any module built anywhere moves it, so the first decode steps
+# after a load rebuild the memos once more.
+STRUCTURE: list[int] = [0]
 
 
-def _structure_changed(*_args) -> None:
+def _structure_changed(*_args: object) -> None:
     STRUCTURE[0] += 1
 
 
@@ -89,7 +90,7 @@ for _register in (
     _register(_structure_changed)
 NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float64)  # the C++ kernels' dtypes (no float16)
 STATIC_ROPE = ("default", "linear", "llama3")  # rotary types whose tables do not change with the length
-ROTARY_TABLE_MAX = 32768  # positions in ``HybridModel.rotary``'s table (2 MiB in bfloat16 for D = 64)
+ROTARY_TABLE_MAX = 32768  # positions in ``HybridModel.rotary``'s tables (cos and sin: 8 MiB in bfloat16, D = 64)
 
 
 def native_ok(x: Tensor) -> bool:
@@ -285,13 +286,13 @@ class HybridModel(nn.Module):
         cos, sin = self.rotary(x, positions, max(lengths)) if decode else self.rotary_emb(x, positions)  # (B, T, D)
         keep = set(hidden_states_at)
         hidden: dict[int, Tensor] = {}
-        int4_step = decode and B <= INT4_MAX_ROWS and x.dtype == torch.bfloat16
-        for i, layer in enumerate(self._blocks):
+        int4_step = decode and B <= quant.INT4_MAX_ROWS and x.dtype == torch.bfloat16
+        for i, layer in enumerate(decoder_layers(self.base)):
             if i < start_at:
                 continue
             if i == stop_at:
                 return x, hidden
-            w = self.int4_layer(i) if int4_step else None
+            w = self.int4_layer(i, layer) if int4_step else None
             if w is not None:
                 x = self.decode_layer(i, x, w, cos, sin, groups[i], cache, lengths)
             else:
@@ -311,15 +312,17 @@ class HybridModel(nn.Module):
             x = x[:, -1:]
         return self.lm_head(rms_norm(self.norm, x)), hidden
 
-    def int4_layer(self, i: int) -> Int4Layer | None:
-        """Layer i's weights for ``decode_layer``, or None where its calls do not apply (not every linear
-        int4 on the VNNI GEMV, a bias, a norm or MLP of another kind); memoised until ``STRUCTURE`` moves.
-        The int4 buffers are frozen, so holding them cannot go stale but by replacement."""
+    def int4_layer(self, i: int, block: nn.Module) -> Int4Layer | None:
+        """Decoder layer i's (``block``) weights for ``decode_layer``, or None where its calls do not apply
+        (not every linear int4 on the VNNI GEMV, a bias, a norm or MLP of another kind); memoised until
+        ``STRUCTURE`` moves.
+        The int4 buffers are frozen, so holding them cannot go stale but by replacement. Like the other
+        C++ decode kernels, these calls do not run the modules' forward hooks."""
         made, w = self._int4.get(i, (-1, None))
-        if made == STRUCTURE[0]:
+        now = STRUCTURE[0]
+        if made == now:
             return w
-        block = self._blocks[i]
-        attn, mlp = self.attention(i), block.mlp
+        attn, mlp = unconverted(block.self_attn), block.mlp
         norms = (block.input_layernorm, block.post_attention_layernorm)
         parts = [getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
         w = None
@@ -328,16 +331,18 @@ class HybridModel(nn.Module):
             and all(isinstance(getattr(n, "variance_epsilon", None), float) for n in norms)
             and all(getattr(n, "weight", None) is not None and n.weight.dtype == torch.bfloat16 for n in norms)
             and all(isinstance(p, Int4Linear) for p in parts)
+            and hasattr(mlp, "act_fn")
         ):
             o_dsla = self.dsla(i).o_proj if isinstance(block.self_attn, DSLAAttention) else None
-            linears = [self.qkv(i, attn), attn.o_proj, self.fused(i, parts[:2]), parts[2], o_dsla or attn.o_proj]
+            o = attn.o_proj if o_dsla is None else o_dsla
+            linears = [self.qkv(i, attn), attn.o_proj, self.fused(i, parts[:2]), parts[2], o]
             args = [m.gemv_args() if isinstance(m, Int4Linear) else None for m in linears]
             if all(a is not None for a in args):
                 qkv, o_attn, gate_up, down, o = args
                 eps1, eps2 = (n.variance_epsilon for n in norms)
                 w = Int4Layer(norms[0].weight, eps1, qkv, o_attn, o if o_dsla is not None else None, norms[1].weight,
                               eps2, gate_up, down)  # fmt: skip
-        self._int4[i] = (STRUCTURE[0], w)
+        self._int4[i] = (now, w)
         return w
 
     def decode_layer(
@@ -349,16 +354,17 @@ class HybridModel(nn.Module):
         NOTE(decisions): as module calls, reshapes and adds they were ~10 Python-level calls of 3-10 us a
         layer, ~1/3 of a batch-1 decode step at 512 tokens (~3.5 of 11.8 ms)."""
         attn_rows, dsla_rows = group
-        h, qkv = native.norm_int4(x, w.norm1, w.eps1, w.qkv, INT4_RESIDUAL)
+        residual = quant.INT4_RESIDUAL  # as Int4Linear reads it
+        h, qkv = native.norm_int4(x, w.norm1, w.eps1, w.qkv, residual)
         if attn_rows and dsla_rows:  # a batch split between plans: each group as the general path does it
             x = x + self.mix(i, h, cos, sin, group, cache, lengths, qkv)
         elif dsla_rows:
             o, extra = self.fused_step(i, qkv, h, cos, sin, cache, dsla_rows, lengths)
-            x = native.int4_residual(x, o, w.o_dsla, extra, INT4_RESIDUAL)
+            x = native.int4_residual(x, o, w.o_dsla, extra, residual)
         else:
-            x = native.int4_residual(x, self.fused_attention(i, qkv, cos, sin, cache, attn_rows), w.o_attn,
-                                     None, INT4_RESIDUAL)  # fmt: skip
-        return native.int4_mlp(x, w.norm2, w.eps2, w.gate_up, w.down, INT4_RESIDUAL)
+            o = self.fused_attention(i, qkv, cos, sin, cache, attn_rows)
+            x = native.int4_residual(x, o, w.o_attn, None, residual)
+        return native.int4_mlp(x, w.norm2, w.eps2, w.gate_up, w.down, residual)
 
     def groups(self, plans: list[frozenset[int]]) -> list[tuple[list[int], list[int]]]:
         """Per layer, the batch rows running attention and those running DSLA (memoised per step's plans)."""
@@ -531,9 +537,10 @@ class HybridModel(nn.Module):
         watch, ~1 µs a step; listing the DSLA layers again only when ``STRUCTURE`` moved saves ~20 µs a step."""
         if ("generation",) not in self._ring:
             made, watch = self._watch
-            if made != STRUCTURE[0]:  # layers converted or restored, parameters replaced: watch them anew
+            now = STRUCTURE[0]
+            if made != now:  # layers converted or restored, parameters replaced: watch them anew
                 layers = tuple(m for m in (b.self_attn for b in self._blocks) if isinstance(m, DSLAAttention))
-                self._watch = (STRUCTURE[0], native.watch([p for m in layers for p in m.step_inputs()]))
+                self._watch = (now, native.watch([p for m in layers for p in m.step_inputs(refresh=True)]))
                 self._generation = next(GENERATIONS)  # numbered across models: they may share DSLA layers
             elif watch.changed():
                 self._generation = next(GENERATIONS)
@@ -567,10 +574,10 @@ class HybridModel(nn.Module):
         step, the table's rows ~7."""
         emb = self.rotary_emb
         inv_freq = getattr(emb, "inv_freq", None)
-        n = min(getattr(self.config, "max_position_embeddings", 0), ROTARY_TABLE_MAX)
+        n = min(getattr(self.config, "max_position_embeddings", None) or 0, ROTARY_TABLE_MAX)
         if top >= n or getattr(emb, "rope_type", None) not in STATIC_ROPE or not isinstance(inv_freq, Tensor):
             return emb(x, positions)
-        key = (x.dtype, x.device, inv_freq.data_ptr(), inv_freq._version, emb.attention_scaling, n)
+        key = (x.dtype, x.device, inv_freq.data_ptr(), inv_freq._version, getattr(emb, "attention_scaling", 1.0), n)
         if self._rotary[0] != key:
             cos, sin = emb(x, torch.arange(n, device=x.device)[None])
             self._rotary = (key, (cos[0], sin[0]))

@@ -205,11 +205,16 @@ def test_rotary_table_equals_the_module(dtype):
     within the table and past it (the module itself there)."""
     hybrid = HybridModel(tiny_llama().to(dtype))  # max_position_embeddings 512
     x = torch.zeros(3, 1, 64, dtype=dtype)
-    for positions in (torch.tensor([[0], [7], [511]]), torch.tensor([[5], [512], [900]])):
-        got, want = hybrid.rotary(x, positions, int(positions.max())), hybrid.rotary_emb(x, positions)
-        assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
-    hybrid.rotary_emb.rope_type, hybrid._rotary = "yarn", ((), None)  # a type outside STATIC_ROPE: the module
+    positions = torch.tensor([[0], [7], [511]])  # the table's last row included
+    got, want = hybrid.rotary(x, positions, 511), hybrid.rotary_emb(x, positions)
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True)) and hybrid._rotary[1] is not None
+    table = hybrid._rotary
+    positions = torch.tensor([[5], [512], [900]])  # past the table: the module, the table kept
     got, want = hybrid.rotary(x, positions, 900), hybrid.rotary_emb(x, positions)
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True)) and hybrid._rotary is table
+    hybrid.rotary_emb.rope_type, hybrid._rotary = "yarn", ((), None)  # a type outside STATIC_ROPE: the module
+    positions = torch.tensor([[1], [2], [3]])
+    got, want = hybrid.rotary(x, positions, 3), hybrid.rotary_emb(x, positions)
     assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True)) and hybrid._rotary[1] is None
 
 

@@ -256,8 +256,9 @@ def test_single_sequence_step_and_native_norm_mlp(monkeypatch):
 @torch.no_grad()
 def test_int4_decode_layer_equals_the_general_path(monkeypatch):
     """With int4 weights a decode layer's norms, linears and residual adds run as three C++ calls
-    (``HybridModel.decode_layer``). A batch whose layers are all-attention, all-DSLA or split between
-    plans, and one sequence alone, give the very logits, states and windows of the module-by-module path."""
+    (``HybridModel.decode_layer``). Batches whose layers are all-DSLA, all-attention or split between
+    plans, and one sequence alone, give the very logits, states and windows of the module-by-module path;
+    a copy of the model made after such steps decodes the same."""
     if not native.has_int4_gemv():
         pytest.skip("no AVX512-VNNI: int4 linears run on ATen's kernel, outside the fused layer calls")
     model = tiny_llama()
@@ -265,15 +266,17 @@ def test_int4_decode_layer_equals_the_general_path(monkeypatch):
     model = model.to(torch.bfloat16)
     quantize_model(model, "int4", lm_head=False)
     hybrid = HybridModel(model)
-    tokens = torch.randint(0, 99, (3, 6))
-    for plans, lengths in (([range(4), [0, 2], [1, 3], [0, 1]], (2, 5, 9, 3)), ([[0, 2]], (7,))):
+    tokens = torch.randint(0, 99, (4, 6))
+    # layer 0 all-DSLA and layer 3 all-attention in the second batch; every layer split in the first
+    for plans, lengths in (([range(4), [0, 2], [1, 3], [0, 1]], (2, 5, 9, 3)), ([[0, 1], [0, 2], [0]], (4, 8, 6)),
+                           ([[0, 2]], (7,))):  # fmt: skip
         caches = prefilled(hybrid, [hybrid.new_cache(plan) for plan in plans], lengths)
-        rows = tokens[: len(plans)] if len(plans) <= 3 else torch.cat([tokens, tokens[:1]])
+        rows = tokens[: len(plans)]
         mlps = count_calls(monkeypatch, "int4_mlp")
         out, states, windows = decode(hybrid, caches, rows, fused=True, monkeypatch=monkeypatch)
         assert len(mlps) == 4 * rows.shape[1]  # every layer of every step ran the fused calls
         with monkeypatch.context() as m:
-            m.setattr(HybridModel, "int4_layer", lambda self, i: None)
+            m.setattr(HybridModel, "int4_layer", lambda self, i, block: None)
             ref, ref_states, ref_windows = decode(hybrid, caches, rows, fused=True, monkeypatch=monkeypatch)
         assert len(mlps) == 4 * rows.shape[1]
         assert torch.equal(out, ref)
@@ -285,7 +288,27 @@ def test_int4_decode_layer_equals_the_general_path(monkeypatch):
                 for x, y in zip(p, q, strict=True)
             ]
             assert pairs and all(torch.equal(x, y) for x, y in pairs)
-    assert hybrid.int4_layer(0) is not None
-    mlp = model.model.layers[0].mlp
-    mlp.down_proj = torch.nn.Linear(mlp.down_proj.in_features, mlp.down_proj.out_features, bias=False)
-    assert hybrid.int4_layer(0) is None  # a replaced projection is seen (the memo is not stale)
+    clone = HybridModel(copy.deepcopy(model))  # the bound C++ step parameters are made again, not copied
+    assert torch.equal(decode(clone, caches, rows, fused=True, monkeypatch=monkeypatch)[0], out)
+    block = model.model.layers[0]
+    assert hybrid.int4_layer(0, block) is not None
+    linear = torch.nn.Linear(block.mlp.down_proj.in_features, block.mlp.down_proj.out_features, bias=False)
+    assert hybrid.int4_layer(0, block) is not None
+    block.mlp.down_proj = linear
+    assert hybrid.int4_layer(0, block) is None  # a replaced projection is seen (the memo is not stale)
+
+
+@torch.no_grad()
+def test_fused_step_sees_replaced_parameters(monkeypatch):
+    """A DSLA parameter replaced by a new one is read at the next decode step, and so are later in-place
+    writes to the new one (bfloat16: the step reads float32 copies, which a write does not reach)."""
+    hybrid = hybrid_model(CONFIGS["window-adapters-gate"], torch.bfloat16)
+    caches = prefilled(hybrid, [hybrid.new_cache(range(4))], (9,))
+    tokens = torch.randint(0, 99, (1, 1))
+    decode(hybrid, caches, tokens, fused=True, monkeypatch=monkeypatch)  # copies made and cached
+    dsla = hybrid.dsla(1)
+    dsla.gain = torch.nn.Parameter(dsla.gain.detach() * 1.5, requires_grad=False)
+    for _ in range(2):
+        decode(hybrid, caches, tokens, fused=True, monkeypatch=monkeypatch)
+        assert torch.equal(dsla._step_cache[1].gain, dsla.gain.float())
+        dsla.gain.mul_(0.5)  # written in place after the replacement
