@@ -85,6 +85,20 @@ def test_vnni_int4_gemv_equals_its_float64_emulation(rows):
     assert (y.double() - exact).abs().max() <= 0.02 * exact.abs().max()
 
 
+@pytest.mark.skipif(not native.has_int4_gemv(), reason="the CPU has no AVX512-VNNI: ATen's kernels run")
+def test_vnni_gemvs_read_float64_rows_as_float32():
+    """float64 activations are quantised from their float32 values: the same codes, the same products."""
+    lin = torch.nn.Linear(96, 48, bias=False)
+    q4, q8 = Int4Linear(lin), Int8Linear(lin)
+    x = torch.randn(3, 96)
+    for residual in (False, True):
+        got = native.int4_gemv(x.double(), q4.packed, q4.scale, q4.offset, residual)
+        assert got.dtype == torch.float64
+        assert torch.equal(got.float(), native.int4_gemv(x, q4.packed, q4.scale, q4.offset, residual))
+        got = native.int8_gemv(x.double(), q8.packed, q8.scale, residual)
+        assert torch.equal(got.float(), native.int8_gemv(x, q8.packed, q8.scale, residual))
+
+
 def activation_codes(x: torch.Tensor, passes: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The VNNI GEMVs' activation codes, emulated in float32 as the kernel computes them: per group of
     32, (codes, scale) of each pass, the second coding what the first missed."""

@@ -1038,9 +1038,11 @@ struct RowCodes {
 template <typename scalar_t>
 inline void load_group(const scalar_t* x, __m512 v[2]) {  // 32 activations as float
   if constexpr (std::is_same_v<scalar_t, double>) {
-    v[0] = _mm512_insertf32x8(_mm512_castps256_ps512(_mm512_cvtpd_ps(_mm512_loadu_pd(x))), _mm512_cvtpd_ps(_mm512_loadu_pd(x + 8)), 1);
-    v[1] = _mm512_insertf32x8(_mm512_castps256_ps512(_mm512_cvtpd_ps(_mm512_loadu_pd(x + 16))),
-                              _mm512_cvtpd_ps(_mm512_loadu_pd(x + 24)), 1);
+    for (int64_t h = 0; h < 2; ++h) {  // two 8-lane conversions joined (AVX512F only)
+      const __m256 lo = _mm512_cvtpd_ps(_mm512_loadu_pd(x + 16 * h));
+      const __m256 hi = _mm512_cvtpd_ps(_mm512_loadu_pd(x + 16 * h + 8));
+      v[h] = _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castpd256_pd512(_mm256_castps_pd(lo)), _mm256_castps_pd(hi), 1));
+    }
   } else {
     v[0] = load16(x), v[1] = load16(x + 16);
   }
