@@ -15,9 +15,8 @@ integers with AVX512-VNNI.
 RMS norm and silu(gate)·up (``rms_norm``, ``silu_mul``): one pass each instead of four and two ATen
 ops, rounded where those ops round; at batch 1 they were ~10 dispatches per layer. With int4 weights a
 decode layer's norms, linears and residual adds are three calls around the token mixing (``norm_int4``,
-``int4_residual``, ``int4_mlp``). RoPE (``rope``):
-one pass instead of five ATen ops over q and k before attention's prefill (0.7 of its 3.0 ms a layer
-at 1024 tokens).
+``int4_residual``, ``int4_mlp``). RoPE (``rope``): one pass instead of five ATen ops over q and k
+before attention's prefill (0.7 of its 3.0 ms a layer at 1024 tokens).
 
 Prefill scan (``scan_dsla``, same contract as ``chunk_dsla``). The chunked form's ~30 float32 ops
 per chunk lost to bfloat16 flash attention up to 8k tokens; the recurrence over D x D states kept in
@@ -145,11 +144,10 @@ def decode_step(
 ) -> tuple[Tensor, Tensor | None]:  # fmt: skip
     """One decode token for B pooled sequences of a DSLA layer; states and rings updated in place.
 
-    qkv (B, (Hq + 2·Hkv)·D) un-rotated; hidden (B, hidden) the layer input (read by a q adapter) (both
-    may be (B, 1, n));
-    cos/sin (B, D) of the new token, lcos/lsin (B, D) of the token leaving the window; pos (B,) the
-    new token's position; slots (B,) pool slots of ``states`` (S, 2, Hkv, D, D) and the rings
-    (S, Hkv, W, D). Returns the mixed read-out (B, Hq·D) before o_proj and the o adapter's output
+    qkv (B, (Hq + 2·Hkv)·D) un-rotated and hidden (B, hidden) the layer input (read by a q adapter), each
+    also as a decode step's (B, 1, n); cos/sin (B, D) of the new token, lcos/lsin (B, D) of the token
+    leaving the window; pos (B,) the new token's position; slots (B,) pool slots of ``states``
+    (S, 2, Hkv, D, D) and the rings (S, Hkv, W, D). Returns the mixed read-out (B, Hq·D) before o_proj and the o adapter's output
     (B, hidden), or None without one.
     """
     o, extra = load().dsla_decode_layer(
