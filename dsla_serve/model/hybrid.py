@@ -315,9 +315,8 @@ class HybridModel(nn.Module):
     def int4_layer(self, i: int, block: nn.Module) -> Int4Layer | None:
         """Decoder layer i's (``block``) weights for ``decode_layer``, or None where its calls do not apply
         (not every linear int4 on the VNNI GEMV, a bias, a norm or MLP of another kind); memoised until
-        ``STRUCTURE`` moves.
-        The int4 buffers are frozen, so holding them cannot go stale but by replacement. Like the other
-        C++ decode kernels, these calls do not run the modules' forward hooks."""
+        ``STRUCTURE`` moves. The int4 buffers are frozen, so holding them cannot go stale but by
+        replacement. Like the other C++ decode kernels, these calls do not run the modules' forward hooks."""
         made, w = self._int4.get(i, (-1, None))
         now = STRUCTURE[0]
         if made == now:
@@ -333,14 +332,14 @@ class HybridModel(nn.Module):
             and all(isinstance(p, Int4Linear) for p in parts)
             and hasattr(mlp, "act_fn")
         ):
-            o_dsla = self.dsla(i).o_proj if isinstance(block.self_attn, DSLAAttention) else None
-            o = attn.o_proj if o_dsla is None else o_dsla
-            linears = [self.qkv(i, attn), attn.o_proj, self.fused(i, parts[:2]), parts[2], o]
+            linears = [self.qkv(i, attn), attn.o_proj, self.fused(i, parts[:2]), parts[2]]
+            if isinstance(block.self_attn, DSLAAttention):
+                linears.append(self.dsla(i).o_proj)
             args = [m.gemv_args() if isinstance(m, Int4Linear) else None for m in linears]
             if all(a is not None for a in args):
-                qkv, o_attn, gate_up, down, o = args
+                qkv, o_attn, gate_up, down, *o_dsla = args
                 eps1, eps2 = (n.variance_epsilon for n in norms)
-                w = Int4Layer(norms[0].weight, eps1, qkv, o_attn, o if o_dsla is not None else None, norms[1].weight,
+                w = Int4Layer(norms[0].weight, eps1, qkv, o_attn, o_dsla[0] if o_dsla else None, norms[1].weight,
                               eps2, gate_up, down)  # fmt: skip
         self._int4[i] = (now, w)
         return w

@@ -147,8 +147,8 @@ def decode_step(
     qkv (B, (Hq + 2·Hkv)·D) un-rotated and hidden (B, hidden) the layer input (read by a q adapter), each
     also as a decode step's (B, 1, n); cos/sin (B, D) of the new token, lcos/lsin (B, D) of the token
     leaving the window; pos (B,) the new token's position; slots (B,) pool slots of ``states``
-    (S, 2, Hkv, D, D) and the rings (S, Hkv, W, D). Returns the mixed read-out (B, Hq·D) before o_proj and the o adapter's output
-    (B, hidden), or None without one.
+    (S, 2, Hkv, D, D) and the rings (S, Hkv, W, D). Returns the mixed read-out (B, Hq·D) before o_proj
+    and the o adapter's output (B, hidden), or None without one.
     """
     o, extra = load().dsla_decode_layer(
         qkv, hidden, cos, sin, lcos, lsin, pos, slots, states, ring_k, ring_v, p.bound()
@@ -161,8 +161,7 @@ def attention_decode(
     heads: tuple[int, int, int],
 ) -> Tensor:  # fmt: skip
     """One attention decode token for B sequences: qkv (B, (Hq + 2·Hkv)·D) un-rotated, cos/sin (B, D) (or
-    each (B, 1, n)).
-    Each row's rotated key and value are written at ``lengths[b]`` of its (Hkv, capacity, D) buffers
+    each (B, 1, n)). Each row's rotated key and value are written at ``lengths[b]`` of its (Hkv, capacity, D) buffers
     (in place; the caller makes room and advances the length); returns the output (B, Hq·D) before
     o_proj, softmax over the row's lengths[b] + 1 keys."""
     Hq, Hkv, D = heads
