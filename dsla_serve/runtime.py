@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
+import hashlib
 import os
 import platform
 import sys
+from pathlib import Path
 
 import torch
 
@@ -39,8 +42,24 @@ def tune_allocator() -> bool:
     return _allocator_tuned
 
 
+ENGINE_SOURCES = ("ops", "layers", "model", "serving/engine.py", "serving/runner.py", "serving/scheduler.py")
+
+
+@functools.cache
+def engine_version() -> str:
+    """A hash of the engine's source files (kernels, layers, model, the serving loop): timings taken with
+    another version (a cached speed profile) are not this engine's."""
+    root = Path(__file__).parent
+    files = sorted(f for name in ENGINE_SOURCES for f in ([root / name] if name.endswith(".py") else
+                   [*(root / name).rglob("*.py"), *(root / name).rglob("*.cpp")]))  # fmt: skip
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f.relative_to(root).as_posix().encode() + f.read_bytes())
+    return digest.hexdigest()[:12]
+
+
 def machine_info() -> dict:
-    """What a benchmark ran on, for its JSON output."""
+    """What a benchmark ran on, for its JSON output (with the engine version it measured)."""
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -55,4 +74,5 @@ def machine_info() -> dict:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "allocator_tuned": _allocator_tuned,
+        "engine": engine_version(),
     }

@@ -120,6 +120,24 @@ def test_fused_step_follows_parameter_updates(monkeypatch):
     torch.testing.assert_close(decode(other, caches, tokens, fused=True, monkeypatch=monkeypatch)[0], ref)
 
 
+@pytest.mark.parametrize("shape", [(1, 384, 384), (5, 64, 64), (2, 40, 30)])
+def test_gate_projection_against_float64(shape):
+    """The decode step's gate projection: packed for AVX512-BF16 where the build has it and the shape
+    allows (the default model's (384, 384), the tiny test models' (64, 64)), float FMAs otherwise. Either
+    equals x Wᵀ + b in float64, with x rounded to bfloat16 on the packed path (as the Python step's
+    bfloat16 projection rounds it)."""
+    B, n_out, n_in = shape
+    gen = torch.Generator().manual_seed(0)
+    w, b = torch.randn(n_out, n_in, generator=gen).bfloat16(), torch.randn(n_out, generator=gen).bfloat16()
+    x = torch.randn(B, n_in, generator=gen)
+    g = native.load().gate_projection(w, b, x)
+    packed = native.load().has_bf16_gates() and n_out % 16 == 0 and n_in % 2 == 0
+    ref = (x.bfloat16() if packed else x).double() @ w.double().T + b.double()
+    torch.testing.assert_close(g.double(), ref, rtol=1e-5, atol=1e-4)
+    if packed:  # and not the float32 rows' products: the rounding of x shows
+        assert (g.double() - (x.double() @ w.double().T + b.double())).abs().max() > 1e-3
+
+
 def test_watch_sees_writes_and_moves():
     t, other = torch.zeros(3), torch.ones(2)
     watch = native.watch([t, other])

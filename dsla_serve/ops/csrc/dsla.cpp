@@ -188,14 +188,19 @@ inline void decay_from_logits(const scalar_t* x, acc_t* decay, int64_t D, acc_t 
 // NOTE(decisions): a decode step streams ~100 MB of weights (and at batch 8 ~25 MB of DSLA states) from
 // memory, and the hardware prefetcher stops at 4 KiB pages. Prefetching 2 KiB ahead made batch-1 decode
 // ~7 % faster and batch 8 ~4 % in the GEMVs (3 alternating runs each; 1 and 4 KiB measured no better), and
-// the DSLA step's kernel ~12 % faster (its gate weights and states).
+// the DSLA step's kernel ~12 % faster (its gate weights and states; each state is now prefetched whole
+// before its update, which the prefill scan's register-blocked token function then makes).
 constexpr int64_t PREFETCH = 2048;
 
-inline void prefetch_ahead(const void* p, int64_t bytes) {  // the cache lines PREFETCH past [p, p + bytes)
+inline void prefetch(const void* p, int64_t bytes) {  // the cache lines of [p, p + bytes)
 #if defined(__x86_64__)
-  const char* c = static_cast<const char*>(p) + PREFETCH;
+  const char* c = static_cast<const char*>(p);
   for (int64_t i = 0; i < bytes; i += 64) _mm_prefetch(c + i, _MM_HINT_T0);
 #endif
+}
+
+inline void prefetch_ahead(const void* p, int64_t bytes) {  // the cache lines PREFETCH past [p, p + bytes)
+  prefetch(static_cast<const char*>(p) + PREFETCH, bytes);
 }
 
 template <typename acc_t, typename w_t>
@@ -215,6 +220,133 @@ void gate_gemv(const at::Tensor& w, const at::Tensor& bias, const acc_t* x, cons
   });
 }
 
+// The state update and reads of one token, shared by the decode step and the prefill scan.
+template <typename acc_t, int64_t D, int64_t G>
+inline void scan_token(acc_t* S, const acc_t* decay, const acc_t* kk, const acc_t* vv, const acc_t* qq, acc_t* out,
+                       int64_t out_stride) {
+  // One token on one D x D state: every row decays and takes k v^T, and the G queries read the row
+  // while it is in registers. Blocks of one vector register of columns keep the G accumulators there.
+  constexpr int64_t block = 128 / sizeof(acc_t);  // two vector registers: 2 G independent FMA chains
+  static_assert(D % block == 0, "head_dim must be a multiple of two vector registers");
+  for (int64_t jb = 0; jb < D; jb += block) {
+    acc_t acc[G][block] = {};
+    acc_t vb[block];
+    for (int64_t j = 0; j < block; ++j) vb[j] = vv[jb + j];
+    for (int64_t r = 0; r < D; ++r) {
+      acc_t* row = S + r * D + jb;
+      const acc_t dr = decay[r], kr = kk[r];
+#pragma omp simd
+      for (int64_t j = 0; j < block; ++j) row[j] = dr * row[j] + kr * vb[j];
+      for (int64_t g = 0; g < G; ++g) {
+        const acc_t qr = qq[g * D + r];
+#pragma omp simd
+        for (int64_t j = 0; j < block; ++j) acc[g][j] += qr * row[j];
+      }
+    }
+    for (int64_t g = 0; g < G; ++g) std::copy(acc[g], acc[g] + block, out + g * out_stride + jb);
+  }
+}
+
+template <typename acc_t>
+inline void scan_token_any(acc_t* S, const acc_t* decay, const acc_t* kk, const acc_t* vv, const acc_t* qq, acc_t* out,
+                           int64_t out_stride, int64_t D, int64_t G) {
+  for (int64_t g = 0; g < G; ++g) std::fill(out + g * out_stride, out + g * out_stride + D, acc_t(0));
+  for (int64_t r = 0; r < D; ++r) {
+    acc_t* row = S + r * D;
+#pragma omp simd
+    for (int64_t j = 0; j < D; ++j) row[j] = decay[r] * row[j] + kk[r] * vv[j];
+    for (int64_t g = 0; g < G; ++g) {
+      acc_t* a = out + g * out_stride;
+#pragma omp simd
+      for (int64_t j = 0; j < D; ++j) a[j] += qq[g * D + r] * row[j];
+    }
+  }
+}
+
+template <typename acc_t>
+using TokenFn = void (*)(acc_t*, const acc_t*, const acc_t*, const acc_t*, const acc_t*, acc_t*, int64_t);
+
+template <typename acc_t, int64_t D>
+TokenFn<acc_t> token_fn_g(int64_t G) {
+  switch (G) {
+    case 1: return scan_token<acc_t, D, 1>;
+    case 2: return scan_token<acc_t, D, 2>;
+    case 3: return scan_token<acc_t, D, 3>;
+    case 4: return scan_token<acc_t, D, 4>;
+    case 5: return scan_token<acc_t, D, 5>;
+    case 6: return scan_token<acc_t, D, 6>;
+    case 7: return scan_token<acc_t, D, 7>;
+    case 8: return scan_token<acc_t, D, 8>;
+    default: return nullptr;
+  }
+}
+
+template <typename acc_t>
+TokenFn<acc_t> token_fn(int64_t D, int64_t G) {
+  // Specialised for the common head sizes and groups; nullptr: the generic loop.
+  if (D == 64) return token_fn_g<acc_t, 64>(G);
+  if (D == 128) return token_fn_g<acc_t, 128>(G);
+  return nullptr;
+}
+
+#if defined(__AVX512BF16__)
+constexpr bool kBf16Dot = true;
+#else
+constexpr bool kBf16Dot = false;
+#endif
+
+// NOTE(decisions): bfloat16 gate weights are packed for AVX512-BF16's dot product (16 output rows per
+// vector, an input pair per lane) and the entering rows rounded to bfloat16, as the Python step's gate
+// projection rounds them. As float FMAs on converted weights the gates took ~6 us of a batch-1 layer
+// step's ~29 (its inputs in L2); the whole step now takes ~26.6 (3 alternating runs each).
+at::Tensor pack_gate_bf16(const at::Tensor& w) {  // (n_out, n_in) -> (n_out/16, n_in/2, 16, 2)
+  return w.view({w.size(0) / 16, 16, w.size(1) / 2, 2}).transpose(1, 2).contiguous();
+}
+
+bool packable_gate(const at::Tensor& w) {
+  return kBf16Dot && w.scalar_type() == at::kBFloat16 && w.dim() == 2 && w.size(0) % 16 == 0 && w.size(1) % 2 == 0;
+}
+
+#if defined(__AVX512BF16__)
+void gate_gemv_bf16(const at::Tensor& w, const at::Tensor& bias, const float* x, float* g, int64_t B, int64_t n_out,
+                    int64_t n_in) {
+  // g (B, n_out) = bf16(x) W^T + bias, W packed by pack_gate_bf16; four rows share each weight load.
+  const int64_t pairs = n_in / 2;
+  std::vector<uint32_t> xp(B * pairs);  // each row's inputs as bfloat16 pairs
+  for (int64_t i = 0; i < B * pairs; ++i) {
+    const c10::BFloat16 lo(x[2 * i]), hi(x[2 * i + 1]);
+    xp[i] = uint32_t(lo.x) | (uint32_t(hi.x) << 16);
+  }
+  const __m512i* wp = reinterpret_cast<const __m512i*>(w.data_ptr<c10::BFloat16>());
+  const c10::BFloat16* b_p = bias.data_ptr<c10::BFloat16>();
+  at::parallel_for(0, n_out / 16, 4, [&](int64_t r0, int64_t r1) {
+    for (int64_t rb = r0; rb < r1; ++rb) {
+      const __m512i* wb = wp + rb * pairs;
+      prefetch_ahead(wb, pairs * 64);
+      const __m512 b16 = load16(b_p + rb * 16);
+      for (int64_t b0 = 0; b0 < B; b0 += 4) {  // 4 rows x 4 partial sums: independent dot-product chains
+        const int64_t nb = std::min<int64_t>(4, B - b0);
+        __m512 acc[4][4];
+        for (int64_t j = 0; j < 4; ++j) acc[j][0] = b16, acc[j][1] = acc[j][2] = acc[j][3] = _mm512_setzero_ps();
+        for (int64_t p = 0; p < pairs; p += 4) {
+          for (int64_t u = 0; u < 4 && p + u < pairs; ++u) {
+            const __m512bh wv = (__m512bh)_mm512_loadu_si512(wb + p + u);
+            for (int64_t j = 0; j < nb; ++j) {
+              const __m512bh xv = (__m512bh)_mm512_set1_epi32(int(xp[(b0 + j) * pairs + p + u]));
+              acc[j][u] = _mm512_dpbf16_ps(acc[j][u], wv, xv);
+            }
+          }
+        }
+        for (int64_t j = 0; j < nb; ++j) {
+          const __m512 sum = _mm512_add_ps(_mm512_add_ps(acc[j][0], acc[j][1]), _mm512_add_ps(acc[j][2], acc[j][3]));
+          _mm512_storeu_ps(g + (b0 + j) * n_out + rb * 16, sum);
+        }
+      }
+    }
+  });
+}
+#endif
+
 template <typename scalar_t, typename acc_t>
 std::vector<at::Tensor> step_impl(
     const at::Tensor& qkv, const at::Tensor& hidden, const at::Tensor& cos, const at::Tensor& sin,
@@ -225,7 +357,8 @@ std::vector<at::Tensor> step_impl(
     const at::Tensor& og_w, const at::Tensor& og_b, int64_t Hq, int64_t Hkv, int64_t D, double gate_normalizer,
     double gate_min, double eps, bool normalize, bool rope, double scale, double window_scale) {
   const int64_t B = qkv.size(0), W = ring_k.size(2), G = Hq / Hkv, KV = Hkv * D;
-  const int64_t row = qkv.size(1), n_gates = gate_w.size(0) / KV;
+  const bool packed_gate = gate_w.dim() == 4;  // pack_gate_bf16's layout
+  const int64_t row = qkv.size(1), n_gates = (packed_gate ? gate_w.size(0) * 16 : gate_w.size(0)) / KV;
   const bool has_window = W > 0;
   const int64_t n_mix = mix.size(1);
   const scalar_t* qkv_p = qkv.data_ptr<scalar_t>();
@@ -309,7 +442,11 @@ std::vector<at::Tensor> step_impl(
   // halves the bytes a step reads; a one-row bfloat16 GEMM through ATen measured 3x slower than this).
   std::vector<acc_t> g(B * n_gates * KV);
   const acc_t* g_p = g.data();
-  if (gate_w.scalar_type() == at::kBFloat16) {
+  if (packed_gate) {
+#if defined(__AVX512BF16__)
+    if constexpr (std::is_same_v<acc_t, float>) gate_gemv_bf16(gate_w, gate_b, x_p, g.data(), B, n_gates * KV, 2 * KV);
+#endif
+  } else if (gate_w.scalar_type() == at::kBFloat16) {
     gate_gemv<acc_t, c10::BFloat16>(gate_w, gate_b, x_p, enters, g.data(), B, n_gates * KV, 2 * KV);
   } else {
     TORCH_CHECK(gate_w.scalar_type() == states.scalar_type(), "gate weights must be bfloat16 or the states' dtype");
@@ -326,6 +463,7 @@ std::vector<at::Tensor> step_impl(
   const acc_t* gain_p = gain.data_ptr<acc_t>();
   const bool out_gate = og_w.numel() > 0;
   std::vector<acc_t> parts(B * Hkv * 2 * G * D);  // (B, Hkv, state, G, D): each state's share of the output
+  const TokenFn<acc_t> fast = token_fn<acc_t>(D, G);
   at::parallel_for(0, B * Hkv * 2, 1, [&](int64_t i0, int64_t i1) {
     const FlushDenormals ftz;
     std::vector<acc_t> decay(D), kst(D), cc(D), ss(D), lc(D), ls(D), qg(G * D), reads(G * D);
@@ -359,23 +497,16 @@ std::vector<at::Tensor> step_impl(
         }
         for (int64_t i = 0; i < D; ++i) dst[i] *= acc_t(scale);
       }
-      // One pass over the state: update each row (a token enters), then every query of the group reads it.
+      // One pass over the state, as a prefill token's: update each row (a token enters), then every
+      // query of the group reads it while it is in registers.
       acc_t* Ss = st + ((slot_p[b] * 2 + s) * Hkv + h) * D * D;
+      prefetch(Ss, D * D * sizeof(acc_t));  // the whole state, while the decays are made
       const acc_t* gs = g_p + b * n_gates * KV + std::min<int64_t>(s, n_gates - 1) * KV + h * D;
       decay_from_logits<acc_t, acc_t>(gs, decay.data(), D, acc_t(gate_normalizer), acc_t(gate_min));
-      std::fill(reads.begin(), reads.end(), acc_t(0));
-      for (int64_t i = 0; i < D; ++i) {
-        acc_t* r = Ss + i * D;
-        prefetch_ahead(r, D * sizeof(acc_t));
-        const acc_t di = decay[i], ki = kst[i];
-#pragma omp simd
-        for (int64_t j = 0; j < D; ++j) r[j] = di * r[j] + ki * xv[j];
-        for (int64_t gq = 0; gq < G; ++gq) {
-          const acc_t qi = qg[gq * D + i];
-          acc_t* rd = reads.data() + gq * D;
-#pragma omp simd
-          for (int64_t j = 0; j < D; ++j) rd[j] += qi * r[j];
-        }
+      if (fast) {
+        fast(Ss, decay.data(), kst.data(), xv, qg.data(), reads.data(), D);
+      } else {
+        scan_token_any(Ss, decay.data(), kst.data(), xv, qg.data(), reads.data(), D, D, G);
       }
       for (int64_t gq = 0; gq < G; ++gq) {
         const int64_t hq = h * G + gq;
@@ -476,74 +607,6 @@ struct View4 {  // a 4-d tensor whose last axis is contiguous: element (a, b, c,
   explicit View4(const at::Tensor& t) : p(t.data_ptr<T>()), s0(t.stride(0)), s1(t.stride(1)), s2(t.stride(2)) {}
   const T* at(int64_t a, int64_t b, int64_t c) const { return p + a * s0 + b * s1 + c * s2; }
 };
-
-template <typename acc_t, int64_t D, int64_t G>
-inline void scan_token(acc_t* S, const acc_t* decay, const acc_t* kk, const acc_t* vv, const acc_t* qq, acc_t* out,
-                       int64_t out_stride) {
-  // One token on one D x D state: every row decays and takes k v^T, and the G queries read the row
-  // while it is in registers. Blocks of one vector register of columns keep the G accumulators there.
-  constexpr int64_t block = 128 / sizeof(acc_t);  // two vector registers: 2 G independent FMA chains
-  static_assert(D % block == 0, "head_dim must be a multiple of two vector registers");
-  for (int64_t jb = 0; jb < D; jb += block) {
-    acc_t acc[G][block] = {};
-    acc_t vb[block];
-    for (int64_t j = 0; j < block; ++j) vb[j] = vv[jb + j];
-    for (int64_t r = 0; r < D; ++r) {
-      acc_t* row = S + r * D + jb;
-      const acc_t dr = decay[r], kr = kk[r];
-#pragma omp simd
-      for (int64_t j = 0; j < block; ++j) row[j] = dr * row[j] + kr * vb[j];
-      for (int64_t g = 0; g < G; ++g) {
-        const acc_t qr = qq[g * D + r];
-#pragma omp simd
-        for (int64_t j = 0; j < block; ++j) acc[g][j] += qr * row[j];
-      }
-    }
-    for (int64_t g = 0; g < G; ++g) std::copy(acc[g], acc[g] + block, out + g * out_stride + jb);
-  }
-}
-
-template <typename acc_t>
-inline void scan_token_any(acc_t* S, const acc_t* decay, const acc_t* kk, const acc_t* vv, const acc_t* qq, acc_t* out,
-                           int64_t out_stride, int64_t D, int64_t G) {
-  for (int64_t g = 0; g < G; ++g) std::fill(out + g * out_stride, out + g * out_stride + D, acc_t(0));
-  for (int64_t r = 0; r < D; ++r) {
-    acc_t* row = S + r * D;
-#pragma omp simd
-    for (int64_t j = 0; j < D; ++j) row[j] = decay[r] * row[j] + kk[r] * vv[j];
-    for (int64_t g = 0; g < G; ++g) {
-      acc_t* a = out + g * out_stride;
-#pragma omp simd
-      for (int64_t j = 0; j < D; ++j) a[j] += qq[g * D + r] * row[j];
-    }
-  }
-}
-
-template <typename acc_t>
-using TokenFn = void (*)(acc_t*, const acc_t*, const acc_t*, const acc_t*, const acc_t*, acc_t*, int64_t);
-
-template <typename acc_t, int64_t D>
-TokenFn<acc_t> token_fn_g(int64_t G) {
-  switch (G) {
-    case 1: return scan_token<acc_t, D, 1>;
-    case 2: return scan_token<acc_t, D, 2>;
-    case 3: return scan_token<acc_t, D, 3>;
-    case 4: return scan_token<acc_t, D, 4>;
-    case 5: return scan_token<acc_t, D, 5>;
-    case 6: return scan_token<acc_t, D, 6>;
-    case 7: return scan_token<acc_t, D, 7>;
-    case 8: return scan_token<acc_t, D, 8>;
-    default: return nullptr;
-  }
-}
-
-template <typename acc_t>
-TokenFn<acc_t> token_fn(int64_t D, int64_t G) {
-  // Specialised for the common head sizes and groups; nullptr: the generic loop.
-  if (D == 64) return token_fn_g<acc_t, 64>(G);
-  if (D == 128) return token_fn_g<acc_t, 128>(G);
-  return nullptr;
-}
 
 template <typename scalar_t>
 struct GateLogits {  // the gates' pre-activations (B, L, nG, Hkv, D), from which the scan makes the decays
@@ -1363,6 +1426,8 @@ std::vector<at::Tensor> dsla_decode_step(
   }
   TORCH_CHECK(hidden.numel() == 0 || hidden.scalar_type() == qkv.scalar_type(), "hidden must have qkv's dtype");
   TORCH_CHECK(pos.scalar_type() == at::kLong && slots.scalar_type() == at::kLong, "pos and slots must be int64");
+  TORCH_CHECK(gate_w.dim() == 2 || (gate_w.dim() == 4 && states.scalar_type() == at::kFloat && kBf16Dot),
+              "packed gate weights need float32 states and AVX512-BF16");
   for (const at::Tensor* t : {&ak, &bk, &av, &bv, &aq, &bq, &ao, &bo, &mix, &gain, &og_w, &og_b}) {
     TORCH_CHECK(t->numel() == 0 || (t->scalar_type() == states.scalar_type() && t->is_contiguous()),
                 "layer parameters must be contiguous, in the states' dtype");
@@ -1579,6 +1644,26 @@ at::Tensor int8_dequant(at::Tensor packed, at::Tensor scale) {
 
 bool has_int4_gemv() { return kInt4Gemv; }
 
+at::Tensor gate_projection(at::Tensor w, at::Tensor bias, at::Tensor x) {
+  // The decode step's gate projection alone (for tests): x (B, in) float32 by bfloat16 w (out, in), packed
+  // as StepLayer packs it where this build has AVX512-BF16, and bias (out,): (B, out) float32.
+  TORCH_CHECK(w.scalar_type() == at::kBFloat16 && w.dim() == 2 && bias.scalar_type() == at::kBFloat16 &&
+                  bias.numel() == w.size(0) && x.scalar_type() == at::kFloat && x.dim() == 2 && x.size(1) == w.size(1),
+              "gate_projection: bfloat16 w (out, in) and bias (out,), float32 x (B, in)");
+  const int64_t B = x.size(0), n_out = w.size(0), n_in = w.size(1);
+  at::Tensor g = at::empty({B, n_out}, x.options());
+  x = x.contiguous(), bias = bias.contiguous();
+  if (packable_gate(w)) {
+#if defined(__AVX512BF16__)
+    gate_gemv_bf16(pack_gate_bf16(w.contiguous()), bias, x.data_ptr<float>(), g.data_ptr<float>(), B, n_out, n_in);
+#endif
+  } else {
+    gate_gemv<float, c10::BFloat16>(w.contiguous(), bias, x.data_ptr<float>(), std::vector<char>(B, 1),
+                                    g.data_ptr<float>(), B, n_out, n_in);
+  }
+  return g;
+}
+
 at::Tensor int4_gemv(at::Tensor x, at::Tensor packed, at::Tensor scale, at::Tensor offset, bool residual) {
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
   TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.size(1) % 32 == 0, "x must be (M, in) on the CPU, in % 32 == 0");
@@ -1680,6 +1765,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused (..., 2 I) [gate | up]");
   m.def("attention_decode", &attention_decode, "one attention decode token for a batch (KV appended in place)");
   m.def("has_int4_gemv", &has_int4_gemv, "whether this build has the AVX512-VNNI int4 GEMV");
+  m.def("has_bf16_gates", []() { return kBf16Dot; }, "whether the decode step's bfloat16 gates use AVX512-BF16");
+  m.def("gate_projection", &gate_projection, "the decode step's gate projection of float32 rows (tests)");
   m.def("int8_dequant", &int8_dequant, "int8_gemv's packed weights as a bf16 (out, in) matrix");
   m.def("int8_gemv", &int8_gemv, "y = x W^T for a few rows x and int8 weights packed for VNNI");
   m.def("int4_gemv", &int4_gemv, "y = x W^T for a few rows x and int4 weights packed for VNNI");
@@ -1690,6 +1777,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(py::init([](std::vector<at::Tensor> p, int64_t Hq, int64_t Hkv, int64_t D, double gate_normalizer,
                        double gate_min, double eps, bool normalize, bool rope, double scale, double window_scale) {
         TORCH_CHECK(p.size() == 14, "StepLayer takes the 14 parameter tensors of StepParams");
+        if (packable_gate(p[0])) p[0] = pack_gate_bf16(p[0]);
         return StepLayer{std::move(p), Hq, Hkv, D, gate_normalizer, gate_min, eps, normalize, rope, scale, window_scale};
       }));
   m.def("dsla_decode_layer", &dsla_decode_layer, "dsla_decode_step with a StepLayer's parameters and options");
