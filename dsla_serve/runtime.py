@@ -42,19 +42,30 @@ def tune_allocator() -> bool:
     return _allocator_tuned
 
 
-ENGINE_SOURCES = ("ops", "layers", "model", "serving/engine.py", "serving/runner.py", "serving/scheduler.py")
+ENGINE_SOURCES = ("ops", "layers", "model", "config.py", "runtime.py", "serving/engine.py", "serving/runner.py",
+                  "serving/scheduler.py")  # fmt: skip
+
+
+def engine_files(root: Path) -> list[Path]:
+    files = []
+    for name in ENGINE_SOURCES:
+        path = root / name
+        files += [path] if path.suffix else [*path.rglob("*.py"), *path.rglob("*.cpp")]
+    return sorted(f for f in files if f.is_file())
 
 
 @functools.cache
 def engine_version() -> str:
-    """A hash of the engine's source files (kernels, layers, model, the serving loop): timings taken with
-    another version (a cached speed profile) are not this engine's."""
+    """A hash of the engine's source files (kernels, layers, model, config, the serving loop): timings
+    taken with another version (a cached speed profile) are not this engine's; "unknown" where the
+    sources cannot be read."""
     root = Path(__file__).parent
-    files = sorted(f for name in ENGINE_SOURCES for f in ([root / name] if name.endswith(".py") else
-                   [*(root / name).rglob("*.py"), *(root / name).rglob("*.cpp")]))  # fmt: skip
     digest = hashlib.sha256()
-    for f in files:
-        digest.update(f.relative_to(root).as_posix().encode() + f.read_bytes())
+    try:
+        for f in engine_files(root):
+            digest.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    except OSError:
+        return "unknown"
     return digest.hexdigest()[:12]
 
 
@@ -74,5 +85,5 @@ def machine_info() -> dict:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "allocator_tuned": _allocator_tuned,
-        "engine": engine_version(),
+        "engine_version": engine_version(),
     }

@@ -195,7 +195,8 @@ def ppl_ratios(ppl: dict[float, float], source: str = "") -> dict[float, float]:
 def machine_key(machine: dict, dtype: str) -> str:
     """What makes timings comparable: the processor, cores, torch threads, torch version, the engine's
     version (``runtime.engine_version``: a profile measured before the engine changed is not used), dtype."""
-    keys = {k: machine.get(k) for k in ("cpu", "cores", "torch_threads", "torch", "gpu", "engine")} | {"dtype": dtype}
+    names = ("cpu", "cores", "torch_threads", "torch", "gpu", "engine_version")
+    keys = {k: machine.get(k) for k in names} | {"dtype": dtype}
     return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -350,6 +351,9 @@ def profile_command(
             typer.echo("error: no model fingerprint to key the cache by: give --out", err=True)
             raise typer.Exit(2)
         out = profile_path(fp, prof.meta["machine_key"])
+        if prof.meta["machine_key"] != machine_key(this_machine(), dtype):
+            typer.echo("warning: these timings come from another machine, dtype or engine version: `dsla-serve serve` "
+                       "here will not find this profile by itself (pass it with --profile)", err=True)  # fmt: skip
     typer.echo(f"wrote {save(prof, out)}", err=True)
     if as_json:
         print(json.dumps(prof.to_json()))

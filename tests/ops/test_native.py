@@ -27,8 +27,8 @@ def built():
     assert native.load() is not None, native._failed
 
 
-def hybrid_model(config: DSLAConfig, dtype: torch.dtype) -> HybridModel:
-    model = tiny_llama().to(dtype)
+def hybrid_model(config: DSLAConfig, dtype: torch.dtype, **shape) -> HybridModel:
+    model = tiny_llama(**shape).to(dtype)
     randomize_gates(convert(model, range(4), config=config).values())
     return HybridModel(model)
 
@@ -70,7 +70,19 @@ CONFIGS = {
 def test_fused_step_equals_python_step_float64(name, monkeypatch):
     """A batch mixing plans (rows running attention at some layers) and lengths below, at and past the
     window; every step's logits and the final states and windows agree to float64 rounding."""
-    hybrid = hybrid_model(CONFIGS[name], torch.float64)
+    check_fused_equals_python(hybrid_model(CONFIGS[name], torch.float64), monkeypatch)
+
+
+@torch.no_grad()
+def test_fused_step_head_dim_64_float64(monkeypatch):
+    """Heads of 64 with 3 query heads a KV head, as the default model's: the step's state update then
+    runs the register-blocked token function (the tiny models' heads of 16, the generic loop)."""
+    shape = {"hidden_size": 192, "num_attention_heads": 3, "num_key_value_heads": 1}
+    check_fused_equals_python(hybrid_model(CONFIGS["window-adapters-gate"], torch.float64, **shape), monkeypatch)
+
+
+def check_fused_equals_python(hybrid: HybridModel, monkeypatch) -> None:
+    """Seven tokens decoded by the Python and the fused step from the same prefilled caches."""
     plans = [range(4), [0, 2], [1, 3]]
     caches = prefilled(hybrid, [hybrid.new_cache(plan) for plan in plans], (2, 4, 9))
     tokens = torch.randint(0, 99, (3, 7))
@@ -120,22 +132,20 @@ def test_fused_step_follows_parameter_updates(monkeypatch):
     torch.testing.assert_close(decode(other, caches, tokens, fused=True, monkeypatch=monkeypatch)[0], ref)
 
 
-@pytest.mark.parametrize("shape", [(1, 384, 384), (5, 64, 64), (2, 40, 30)])
+@pytest.mark.parametrize("shape", [(1, 384, 384), (8, 64, 64), (3, 48, 22), (2, 40, 30)])
 def test_gate_projection_against_float64(shape):
     """The decode step's gate projection: packed for AVX512-BF16 where the build has it and the shape
-    allows (the default model's (384, 384), the tiny test models' (64, 64)), float FMAs otherwise. Either
-    equals x Wᵀ + b in float64, with x rounded to bfloat16 on the packed path (as the Python step's
-    bfloat16 projection rounds it)."""
+    allows (the default model's (384, 384), the tiny test models' (64, 64); 11 input pairs: the partial
+    sums' remainder; 8 rows: two groups of four), float FMAs otherwise (n_out not a multiple of 16).
+    Both round x to bfloat16, as the Python step's bfloat16 projection does, so either equals
+    bf16(x) Wᵀ + b in float64 up to float32 sums."""
     B, n_out, n_in = shape
     gen = torch.Generator().manual_seed(0)
     w, b = torch.randn(n_out, n_in, generator=gen).bfloat16(), torch.randn(n_out, generator=gen).bfloat16()
     x = torch.randn(B, n_in, generator=gen)
-    g = native.load().gate_projection(w, b, x)
-    packed = native.load().has_bf16_gates() and n_out % 16 == 0 and n_in % 2 == 0
-    ref = (x.bfloat16() if packed else x).double() @ w.double().T + b.double()
-    torch.testing.assert_close(g.double(), ref, rtol=1e-5, atol=1e-4)
-    if packed:  # and not the float32 rows' products: the rounding of x shows
-        assert (g.double() - (x.double() @ w.double().T + b.double())).abs().max() > 1e-3
+    g = native.load().gate_projection(w, b, x).double()
+    torch.testing.assert_close(g, x.bfloat16().double() @ w.double().T + b.double(), rtol=1e-5, atol=1e-4)
+    assert (g - (x.double() @ w.double().T + b.double())).abs().max() > 1e-3  # the rounding of x shows
 
 
 def test_watch_sees_writes_and_moves():

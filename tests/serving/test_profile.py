@@ -59,9 +59,9 @@ def test_save_load_and_resolve_from_the_cache(tmp_path, monkeypatch, tiny):
     quality.write_text(json.dumps({"levels": [{"conversion": 0.0, "ppl": 10.0}, {"conversion": 0.5, "ppl": 13.0}]}))
     assert resolve("auto", tiny, "float32") is None  # nothing cached yet: the server runs without one
     p = Profile.from_json(bench_json())
-    older = {**this_machine(), "engine": "0" * 12}  # measured with another version of the engine: not used
+    older = {**this_machine(), "engine_version": "0" * 12}  # measured with another version of the engine: unused
     save(p, profile_path(fingerprint_of(tiny), machine_key(older, "float32")))
-    assert this_machine()["engine"] != older["engine"] and resolve("auto", tiny, "float32") is None
+    assert this_machine()["engine_version"] != older["engine_version"] and resolve("auto", tiny, "float32") is None
     path = save(p, profile_path(fingerprint_of(tiny), machine_key(this_machine(), "float32")))
     found = resolve("auto", tiny, "float32", quality)
     assert found.prefill == p.prefill and found.decode == p.decode

@@ -188,8 +188,9 @@ inline void decay_from_logits(const scalar_t* x, acc_t* decay, int64_t D, acc_t 
 // NOTE(decisions): a decode step streams ~100 MB of weights (and at batch 8 ~25 MB of DSLA states) from
 // memory, and the hardware prefetcher stops at 4 KiB pages. Prefetching 2 KiB ahead made batch-1 decode
 // ~7 % faster and batch 8 ~4 % in the GEMVs (3 alternating runs each; 1 and 4 KiB measured no better), and
-// the DSLA step's kernel ~12 % faster (its gate weights and states; each state is now prefetched whole
-// before its update, which the prefill scan's register-blocked token function then makes).
+// the DSLA step's kernel ~12 % faster (its gate weights and states). The step's states are prefetched
+// whole (16 KiB at D = 64) before their update: against the 2 KiB-ahead row prefetch of the loop it
+// replaced, equal within the noise of 3 alternating runs at batch 1 and 8.
 constexpr int64_t PREFETCH = 2048;
 
 inline void prefetch(const void* p, int64_t bytes) {  // the cache lines of [p, p + bytes)
@@ -296,9 +297,10 @@ constexpr bool kBf16Dot = false;
 #endif
 
 // NOTE(decisions): bfloat16 gate weights are packed for AVX512-BF16's dot product (16 output rows per
-// vector, an input pair per lane) and the entering rows rounded to bfloat16, as the Python step's gate
-// projection rounds them. As float FMAs on converted weights the gates took ~6 us of a batch-1 layer
-// step's ~29 (its inputs in L2); the whole step now takes ~26.6 (3 alternating runs each).
+// vector, an input pair per lane). As float FMAs on converted weights the gates took ~6 us of a batch-1
+// layer step's ~29 (its inputs in L2); packed, the step took ~26.6 (3 alternating runs each). Every
+// path rounds the rows to bfloat16 before a bfloat16 gate projection, as the Python step's does, so
+// a CPU with or without AVX512-BF16 computes the same gates (up to the order of the sums).
 at::Tensor pack_gate_bf16(const at::Tensor& w) {  // (n_out, n_in) -> (n_out/16, n_in/2, 16, 2)
   return w.view({w.size(0) / 16, 16, w.size(1) / 2, 2}).transpose(1, 2).contiguous();
 }
@@ -444,10 +446,18 @@ std::vector<at::Tensor> step_impl(
   const acc_t* g_p = g.data();
   if (packed_gate) {
 #if defined(__AVX512BF16__)
-    if constexpr (std::is_same_v<acc_t, float>) gate_gemv_bf16(gate_w, gate_b, x_p, g.data(), B, n_gates * KV, 2 * KV);
+    if constexpr (std::is_same_v<acc_t, float>) {
+      gate_gemv_bf16(gate_w, gate_b, x_p, g.data(), B, n_gates * KV, 2 * KV);
+    } else {
+      TORCH_CHECK(false, "packed gate weights need float32 states");
+    }
+#else
+    TORCH_CHECK(false, "packed gate weights need AVX512-BF16");
 #endif
   } else if (gate_w.scalar_type() == at::kBFloat16) {
-    gate_gemv<acc_t, c10::BFloat16>(gate_w, gate_b, x_p, enters, g.data(), B, n_gates * KV, 2 * KV);
+    std::vector<acc_t> xr(x_p, x_p + B * 2 * KV);  // rounded as the packed path and the Python step round
+    for (acc_t& e : xr) e = acc_t(static_cast<float>(c10::BFloat16(static_cast<float>(e))));
+    gate_gemv<acc_t, c10::BFloat16>(gate_w, gate_b, xr.data(), enters, g.data(), B, n_gates * KV, 2 * KV);
   } else {
     TORCH_CHECK(gate_w.scalar_type() == states.scalar_type(), "gate weights must be bfloat16 or the states' dtype");
     gate_gemv<acc_t, acc_t>(gate_w, gate_b, x_p, enters, g.data(), B, n_gates * KV, 2 * KV);
@@ -1426,8 +1436,14 @@ std::vector<at::Tensor> dsla_decode_step(
   }
   TORCH_CHECK(hidden.numel() == 0 || hidden.scalar_type() == qkv.scalar_type(), "hidden must have qkv's dtype");
   TORCH_CHECK(pos.scalar_type() == at::kLong && slots.scalar_type() == at::kLong, "pos and slots must be int64");
-  TORCH_CHECK(gate_w.dim() == 2 || (gate_w.dim() == 4 && states.scalar_type() == at::kFloat && kBf16Dot),
-              "packed gate weights need float32 states and AVX512-BF16");
+  const int64_t KV = Hkv * D, n_out = gate_w.dim() == 4 ? gate_w.size(0) * 16 : gate_w.size(0);
+  TORCH_CHECK(gate_w.dim() == 2 || (gate_w.dim() == 4 && gate_w.scalar_type() == at::kBFloat16 && gate_w.size(2) == 16 &&
+                                    gate_w.size(3) == 2 && states.scalar_type() == at::kFloat && kBf16Dot),
+              "packed gate weights are bfloat16 (out/16, in/2, 16, 2), for float32 states, with AVX512-BF16");
+  TORCH_CHECK(gate_w.is_contiguous() && (n_out == KV || n_out == 2 * KV) &&
+                  (gate_w.dim() == 4 ? gate_w.size(1) * 2 : gate_w.size(1)) == 2 * KV && gate_b.numel() == n_out &&
+                  gate_b.scalar_type() == gate_w.scalar_type(),
+              "gate weights must be contiguous (nG Hkv D, 2 Hkv D), nG = 1 or 2, with a bias of nG Hkv D in their dtype");
   for (const at::Tensor* t : {&ak, &bk, &av, &bv, &aq, &bq, &ao, &bo, &mix, &gain, &og_w, &og_b}) {
     TORCH_CHECK(t->numel() == 0 || (t->scalar_type() == states.scalar_type() && t->is_contiguous()),
                 "layer parameters must be contiguous, in the states' dtype");
@@ -1448,7 +1464,8 @@ std::vector<at::Tensor> dsla_decode_step(
 struct StepLayer {
   // A DSLA layer's step parameters and options (StepParams in native.py), converted from Python once per
   // change: handing the kernel ~25 arguments per call cost ~5 us of a ~90 us layer step at batch 1.
-  std::vector<at::Tensor> p;  // gate_w, gate_b, ak, bk, av, bv, aq, bq, ao, bo, mix, gain, og_w, og_b
+  std::vector<at::Tensor> p;  // gate_w (bfloat16 ones packed by pack_gate_bf16), gate_b, ak, bk, av, bv, aq, bq,
+                              // ao, bo, mix, gain, og_w, og_b
   int64_t Hq, Hkv, D;
   double gate_normalizer, gate_min, eps;
   bool normalize, rope;
@@ -1658,7 +1675,8 @@ at::Tensor gate_projection(at::Tensor w, at::Tensor bias, at::Tensor x) {
     gate_gemv_bf16(pack_gate_bf16(w.contiguous()), bias, x.data_ptr<float>(), g.data_ptr<float>(), B, n_out, n_in);
 #endif
   } else {
-    gate_gemv<float, c10::BFloat16>(w.contiguous(), bias, x.data_ptr<float>(), std::vector<char>(B, 1),
+    const at::Tensor xr = x.to(at::kBFloat16).to(at::kFloat);  // as step_impl rounds them
+    gate_gemv<float, c10::BFloat16>(w.contiguous(), bias, xr.data_ptr<float>(), std::vector<char>(B, 1),
                                     g.data_ptr<float>(), B, n_out, n_in);
   }
   return g;
@@ -1777,7 +1795,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(py::init([](std::vector<at::Tensor> p, int64_t Hq, int64_t Hkv, int64_t D, double gate_normalizer,
                        double gate_min, double eps, bool normalize, bool rope, double scale, double window_scale) {
         TORCH_CHECK(p.size() == 14, "StepLayer takes the 14 parameter tensors of StepParams");
-        if (packable_gate(p[0])) p[0] = pack_gate_bf16(p[0]);
+        if (packable_gate(p[0]) && p[10].scalar_type() == at::kFloat) p[0] = pack_gate_bf16(p[0]);  // float32 states
         return StepLayer{std::move(p), Hq, Hkv, D, gate_normalizer, gate_min, eps, normalize, rope, scale, window_scale};
       }));
   m.def("dsla_decode_layer", &dsla_decode_layer, "dsla_decode_step with a StepLayer's parameters and options");
