@@ -228,6 +228,14 @@ inline void prefetch_ahead(const void* p, int64_t bytes) {  // the cache lines P
 template <typename acc_t, typename w_t>
 void gate_gemv(const at::Tensor& w, const at::Tensor& bias, const acc_t* x, const std::vector<char>& enters, acc_t* g,
                int64_t B, int64_t n_out, int64_t n_in) {
+  // g (B, n_out) = x W^T + bias; bfloat16 weights take the rows rounded to bfloat16, as gate_gemv_bf16
+  // and the Python step's projection do
+  std::vector<acc_t> rounded;
+  if constexpr (std::is_same_v<w_t, c10::BFloat16>) {
+    rounded.assign(x, x + B * n_in);
+    for (acc_t& e : rounded) e = acc_t(static_cast<float>(c10::BFloat16(static_cast<float>(e))));
+    x = rounded.data();
+  }
   const w_t* w_p = w.data_ptr<w_t>();
   const w_t* b_p = bias.data_ptr<w_t>();
   const int64_t first = std::find(enters.begin(), enters.end(), 1) - enters.begin();  // prefetches for all rows
@@ -476,9 +484,7 @@ std::vector<at::Tensor> step_impl(
     TORCH_CHECK(false, "packed gate weights need AVX512-BF16");
 #endif
   } else if (gate_w.scalar_type() == at::kBFloat16) {
-    std::vector<acc_t> xr(x_p, x_p + B * 2 * KV);  // rounded as the packed path and the Python step round
-    for (acc_t& e : xr) e = acc_t(static_cast<float>(c10::BFloat16(static_cast<float>(e))));
-    gate_gemv<acc_t, c10::BFloat16>(gate_w, gate_b, xr.data(), enters, g.data(), B, n_gates * KV, 2 * KV);
+    gate_gemv<acc_t, c10::BFloat16>(gate_w, gate_b, x_p, enters, g.data(), B, n_gates * KV, 2 * KV);
   } else {
     TORCH_CHECK(gate_w.scalar_type() == states.scalar_type(), "gate weights must be bfloat16 or the states' dtype");
     gate_gemv<acc_t, acc_t>(gate_w, gate_b, x_p, enters, g.data(), B, n_gates * KV, 2 * KV);
@@ -1701,8 +1707,7 @@ at::Tensor gate_projection(at::Tensor w, at::Tensor bias, at::Tensor x) {
     gate_gemv_bf16(pack_gate_bf16(w.contiguous()), bias, x.data_ptr<float>(), g.data_ptr<float>(), B, n_out, n_in);
 #endif
   } else {
-    const at::Tensor xr = x.to(at::kBFloat16).to(at::kFloat);  // as step_impl rounds them
-    gate_gemv<float, c10::BFloat16>(w.contiguous(), bias, xr.data_ptr<float>(), std::vector<char>(B, 1),
+    gate_gemv<float, c10::BFloat16>(w.contiguous(), bias, x.data_ptr<float>(), std::vector<char>(B, 1),
                                     g.data_ptr<float>(), B, n_out, n_in);
   }
   return g;
