@@ -99,7 +99,8 @@ def available() -> bool:
 @dataclass(frozen=True)
 class StepParams:
     """A DSLA layer's parameters as the fused step reads them (contiguous, in the state dtype but the
-    gates, which keep the layer's dtype); empty tensors stand for a missing adapter or output gate.
+    gates and bfloat16 adapters, which keep the layer's dtype); empty tensors stand for a missing adapter
+    or output gate.
     Adapters are (A (r, in), B transposed (r, out)); the output gate's weight is transposed."""
 
     gate_w: Tensor  # (nG·Hkv·D, 2·Hkv·D), columns [k of every head | v of every head]

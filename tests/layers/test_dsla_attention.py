@@ -163,3 +163,28 @@ def test_merged_output_keeps_o_proj_trainable(tiny):
     o = torch.randn(1, 40, layer.o_proj.in_features)
     layer.output(o).sum().backward()
     assert layer.o_proj.weight.grad is not None and not hasattr(layer, "_merged_o")
+
+
+@pytest.mark.parametrize("adapters", ["qkvo", "k", "qo"])
+def test_inference_state_inputs_equal_the_modules(tiny, adapters):
+    """Without autograd the k/v adapters and both gates run on one [k | v] matrix (block-diagonal adapter,
+    gate columns reordered) and the q adapter by one addmm: in float64 the same states' keys, values, gate
+    pre-activations and queries as the modules' own forwards, following the adapters' updates."""
+    layer = convert(tiny.double(), [1], config=DSLAConfig(adapter_rank=3, adapters=adapters))[1]
+    randomize_gates([layer])
+    k, v = torch.randn(2, 2, layer.num_kv_heads, 7, layer.head_dim, dtype=torch.float64)
+    q = torch.randn(2, layer.num_heads, 7, layer.head_dim, dtype=torch.float64)
+    hidden = torch.randn(2, 7, tiny.config.hidden_size, dtype=torch.float64)
+    for _ in range(2):
+        with torch.no_grad():
+            for ada in layer.adapters.values():
+                ada.B.normal_()  # zero at initialisation: give it weight (and change it between the calls)
+        k_ref, v_ref = layer.adapt("k", k), layer.adapt("v", v)
+        pre_ref = layer.gate_logits(k_ref, v_ref)[0]
+        q_ref = layer.state_query(q, hidden)
+        assert pre_ref.requires_grad  # the modules' path, as training runs it
+        with torch.inference_mode():
+            k_s, v_s, (pre, *_) = layer.state_inputs(k, v)
+            q_s = layer.state_query(q, hidden)
+        for ours, ref in ((k_s, k_ref), (v_s, v_ref), (pre, pre_ref), (q_s, q_ref)):
+            torch.testing.assert_close(ours, ref.detach(), rtol=1e-12, atol=1e-12)

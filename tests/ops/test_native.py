@@ -340,3 +340,36 @@ def test_fused_step_sees_replaced_parameters(monkeypatch):
         decode(hybrid, caches, tokens, fused=True, monkeypatch=monkeypatch)
         assert torch.equal(dsla._step_cache[1].gain, dsla.gain.float())
         dsla.gain.mul_(0.5)  # written in place after the replacement
+
+
+@torch.no_grad()
+def test_fused_step_bfloat16_adapters_equal_float32_copies():
+    """bfloat16 adapters are read as they are (half the bytes) and widened in the kernel: the same step as
+    with float32 copies of them, up to the order of the sums; the states and windows too."""
+    import dataclasses
+
+    shape = {"hidden_size": 192, "num_attention_heads": 3, "num_key_value_heads": 1}
+    hybrid = hybrid_model(CONFIGS["window-adapters-gate"], torch.bfloat16, **shape)
+    dsla = hybrid.dsla(1)
+    for ada in dsla.adapters.values():
+        ada.B.normal_()
+    p = dsla.step_params(torch.float32)
+    assert all(t.dtype == torch.bfloat16 for t in (p.ak, p.bk, p.av, p.bv, p.aq, p.bq, p.ao, p.bo))
+    wide = dataclasses.replace(
+        p, **{n: getattr(p, n).float() for n in ("ak", "bk", "av", "bv", "aq", "bq", "ao", "bo")}
+    )
+    Hq, Hkv, D = p.heads
+    W, B = dsla.config.window, 2
+    gen = torch.Generator().manual_seed(0)
+    bf = lambda *s: torch.randn(*s, generator=gen).bfloat16()  # noqa: E731
+    qkv, hidden, cos, sin, lcos, lsin = bf(B, (Hq + 2 * Hkv) * D), bf(B, 192), bf(B, D), bf(B, D), bf(B, D), bf(B, D)
+    pos, slots = torch.tensor([W + 3, 1]), torch.tensor([1, 0])
+    pools = (torch.randn(2, 2, Hkv, D, D, generator=gen), bf(2, Hkv, W, D), bf(2, Hkv, W, D))
+    results = []
+    for params in (p, wide):
+        states, ring_k, ring_v = (t.clone() for t in pools)
+        o, extra = native.decode_step(qkv, hidden, cos, sin, lcos, lsin, pos, slots, states, ring_k, ring_v, params)
+        results.append((o.float(), extra.float(), states, ring_k.float(), ring_v.float()))
+    assert not torch.equal(results[0][2], pools[0])  # a token entered a state
+    for ours, ref in zip(*results, strict=True):
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)

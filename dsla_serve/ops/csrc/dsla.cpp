@@ -99,17 +99,6 @@ inline T dot_mixed(const T* a, const S* b, int64_t n) {
   return acc;
 }
 
-template <typename T>
-inline void low_rank_add(const T* A, const T* Bt, const T* x, T* y, int64_t n_in, int64_t n_out, int64_t r) {
-  // y += B (A x): a rank-r adapter; A (r, n_in), Bt = B transposed (r, n_out).
-  for (int64_t j = 0; j < r; ++j) {
-    const T t = dot(A + j * n_in, x, n_in);
-    const T* b = Bt + j * n_out;
-#pragma omp simd
-    for (int64_t o = 0; o < n_out; ++o) y[o] += b[o] * t;
-  }
-}
-
 #if defined(__AVX512F__)
 inline __m512 exp_nonpositive(__m512 x) {
   // exp(x) for x <= 0 (below -87, where float's normal range ends: 0), 16 lanes: Cody-Waite reduction,
@@ -176,6 +165,29 @@ inline void store16(c10::BFloat16* p, __m512 x) {  // x already rounded (round16
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(x), 16)));
 }
 #endif
+
+template <typename T, typename W>
+inline void low_rank_add(const W* A, const W* Bt, const T* x, T* y, int64_t n_in, int64_t n_out, int64_t r) {
+  // y += B (A x): a rank-r adapter; A (r, n_in), Bt = B transposed (r, n_out), in T or bfloat16.
+  std::vector<T> t(r);
+  for (int64_t j = 0; j < r; ++j) t[j] = dot_mixed(x, A + j * n_in, n_in);
+  for (int64_t j = 0; j < r; ++j) {
+    const W* b = Bt + j * n_out;
+#pragma omp simd
+    for (int64_t o = 0; o < n_out; ++o) y[o] += static_cast<T>(b[o]) * t[j];
+  }
+}
+
+template <typename acc_t>
+inline void adapter_add(const at::Tensor& A, const at::Tensor& Bt, const acc_t* x, acc_t* y) {
+  // y += B (A x) for an adapter held in bfloat16 or in acc_t: A (r, in), Bt = B transposed (r, out)
+  const int64_t r = A.size(0), n_in = A.size(1), n_out = Bt.size(1);
+  if (A.scalar_type() == at::kBFloat16) {
+    low_rank_add(A.data_ptr<c10::BFloat16>(), Bt.data_ptr<c10::BFloat16>(), x, y, n_in, n_out, r);
+  } else {
+    low_rank_add(A.data_ptr<acc_t>(), Bt.data_ptr<acc_t>(), x, y, n_in, n_out, r);
+  }
+}
 
 template <typename scalar_t, typename acc_t>
 inline void decay_from_logits(const scalar_t* x, acc_t* decay, int64_t D, acc_t normalizer, acc_t gate_min) {
@@ -450,11 +462,11 @@ std::vector<at::Tensor> step_impl(
       if (enters[b]) {
         if (ak.numel()) {
           std::vector<acc_t> k0(xk, xk + KV);
-          low_rank_add<acc_t>(ak.data_ptr<acc_t>(), bk.data_ptr<acc_t>(), k0.data(), xk, KV, KV, ak.size(0));
+          adapter_add<acc_t>(ak, bk, k0.data(), xk);
         }
         if (av.numel()) {
           std::vector<acc_t> v0(xv, xv + KV);
-          low_rank_add<acc_t>(av.data_ptr<acc_t>(), bv.data_ptr<acc_t>(), v0.data(), xv, KV, KV, av.size(0));
+          adapter_add<acc_t>(av, bv, v0.data(), xv);
         }
       }
       acc_t* qs = qs_p + b * Hq * D;
@@ -464,7 +476,7 @@ std::vector<at::Tensor> step_impl(
         std::vector<acc_t> hb(n);
         const scalar_t* hp = hidden.data_ptr<scalar_t>() + b * n;
         for (int64_t i = 0; i < n; ++i) hb[i] = hp[i];
-        low_rank_add<acc_t>(aq.data_ptr<acc_t>(), bq.data_ptr<acc_t>(), hb.data(), qs, n, Hq * D, aq.size(0));
+        adapter_add<acc_t>(aq, bq, hb.data(), qs);
       }
     }
   });
@@ -621,7 +633,7 @@ std::vector<at::Tensor> step_impl(
     for (int64_t b = 0; b < B; ++b) {
       for (int64_t i = 0; i < n; ++i) ob[i] = o_p[b * n + i];
       std::fill(y.begin(), y.end(), acc_t(0));
-      low_rank_add<acc_t>(ao.data_ptr<acc_t>(), bo.data_ptr<acc_t>(), ob.data(), y.data(), n, n_out, ao.size(0));
+      adapter_add<acc_t>(ao, bo, ob.data(), y.data());
       for (int64_t i = 0; i < n_out; ++i) e_p[b * n_out + i] = static_cast<scalar_t>(y[i]);
     }
   }
@@ -1476,10 +1488,22 @@ std::vector<at::Tensor> dsla_decode_step(
                   (gate_w.dim() == 4 ? gate_w.size(1) * 2 : gate_w.size(1)) == 2 * KV && gate_b.numel() == n_out &&
                   gate_b.scalar_type() == gate_w.scalar_type(),
               "gate weights must be contiguous (nG Hkv D, 2 Hkv D), nG = 1 or 2, with a bias of nG Hkv D in their dtype");
-  for (const at::Tensor* t : {&ak, &bk, &av, &bv, &aq, &bq, &ao, &bo, &mix, &gain, &og_w, &og_b}) {
+  for (const at::Tensor* t : {&mix, &gain, &og_w, &og_b}) {
     TORCH_CHECK(t->numel() == 0 || (t->scalar_type() == states.scalar_type() && t->is_contiguous()),
                 "layer parameters must be contiguous, in the states' dtype");
   }
+  for (const auto& [a, b] : {std::pair(&ak, &bk), std::pair(&av, &bv), std::pair(&aq, &bq), std::pair(&ao, &bo)}) {
+    TORCH_CHECK(a->numel() == 0 || (a->is_contiguous() && b->is_contiguous() && a->dim() == 2 && b->dim() == 2 &&
+                                    a->size(0) == b->size(0) && a->scalar_type() == b->scalar_type() &&
+                                    (a->scalar_type() == states.scalar_type() ||
+                                     (a->scalar_type() == at::kBFloat16 && states.scalar_type() == at::kFloat))),
+                "adapters must be contiguous (r, in) and transposed (r, out), in the states' dtype or bfloat16");
+  }
+  TORCH_CHECK((ak.numel() == 0 || (ak.size(1) == KV && bk.size(1) == KV)) &&
+                  (av.numel() == 0 || (av.size(1) == KV && bv.size(1) == KV)) &&
+                  (aq.numel() == 0 || (hidden.dim() == 2 && aq.size(1) == hidden.size(1) && bq.size(1) == Hq * D)) &&
+                  (ao.numel() == 0 || ao.size(1) == Hq * D),
+              "adapter shapes: k and v (r, Hkv D), q from the layer input (r, hidden) to (r, Hq D), o from (r, Hq D)");
   std::vector<at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, qkv.scalar_type(), "dsla_decode_step", [&] {
     using acc = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
