@@ -132,20 +132,34 @@ def test_fused_step_follows_parameter_updates(monkeypatch):
     torch.testing.assert_close(decode(other, caches, tokens, fused=True, monkeypatch=monkeypatch)[0], ref)
 
 
-@pytest.mark.parametrize("shape", [(1, 384, 384), (8, 64, 64), (3, 48, 22), (2, 40, 30)])
+GATE_SHAPES = {(1, 384, 384): "int8", (8, 64, 64): "int8", (3, 48, 22): "bfloat16", (2, 40, 30): "none"}
+
+
+@pytest.mark.parametrize("shape", GATE_SHAPES)
 def test_gate_projection_against_float64(shape):
-    """The decode step's gate projection: packed for AVX512-BF16 where the build has it and the shape
-    allows (the default model's (384, 384), the tiny test models' (64, 64); 11 input pairs: the partial
-    sums' remainder; 8 rows: two groups of four), float FMAs otherwise (n_out not a multiple of 16).
-    Both round x to bfloat16, as the Python step's bfloat16 projection does, so either equals
-    bf16(x) Wᵀ + b in float64 up to float32 sums."""
+    """The decode step's gate projection, with the weights as its layer packs them: int8 codes for
+    AVX512-VNNI where the build has it and the shape allows (the default model's (384, 384), the tiny test
+    models' (64, 64); 8 rows), else bfloat16 pairs for AVX512-BF16 (11 input pairs: the partial sums'
+    remainder), else float FMAs (n_out not a multiple of 16). int8: x Wqᵀ + b in float64 with Wq the
+    codes times their scale (Int8Linear's quantiser), up to the rows' two-pass int8 coding; bfloat16 and
+    float: bf16(x) Wᵀ + b (they round x as the Python step's bfloat16 projection does), up to float32 sums."""
     B, n_out, n_in = shape
     gen = torch.Generator().manual_seed(0)
     w, b = torch.randn(n_out, n_in, generator=gen).bfloat16(), torch.randn(n_out, generator=gen).bfloat16()
     x = torch.randn(B, n_in, generator=gen)
-    g = native.load().gate_projection(w, b, x).double()
-    torch.testing.assert_close(g, x.bfloat16().double() @ w.double().T + b.double(), rtol=1e-5, atol=1e-4)
-    assert (g - (x.double() @ w.double().T + b.double())).abs().max() > 1e-3  # the rounding of x shows
+    g, kind = native.load().gate_projection(w, b, x)
+    fallback = ("bfloat16", "none")  # a CPU without AVX512-VNNI or AVX512-BF16
+    allowed = {"int8": ("int8",) if native.has_int4_gemv() else fallback, "bfloat16": fallback, "none": ("none",)}
+    assert kind in allowed[GATE_SHAPES[shape]]
+    exact = x.double() @ w.double().T + b.double()
+    if kind == "int8":
+        wq_scale = (w.float().abs().amax(1) / 127).clamp(min=1e-10).bfloat16().double()
+        codes = (w.float() / wq_scale.float()[:, None]).round().clamp(-127, 127).double()
+        ref = x.double() @ (codes * wq_scale[:, None]).T + b.double()
+        torch.testing.assert_close(g.double(), ref, rtol=1e-4, atol=1e-3)
+    else:
+        torch.testing.assert_close(g.double(), x.bfloat16().double() @ w.double().T + b.double(), rtol=1e-5, atol=1e-4)
+    assert (g.double() - exact).abs().max() > 1e-3  # the weights' or the rows' rounding shows
 
 
 def test_watch_sees_writes_and_moves():
