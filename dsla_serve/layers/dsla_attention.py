@@ -221,7 +221,8 @@ class DSLAAttention(nn.Module):
         and B transposed (2r, 2·Hkv·D) (None without either adapter), and the gates' weight with its
         columns as [k of every head | v of every head], and bias; cached while none of them changes."""
         parts = [self.adapters[n] for n in "kv" if n in self.adapters]
-        key = (*(stamp(p) for m in parts for p in m.parameters()), *map(stamp, self.gate_weights()))
+        gates = (self.gate_far,) if self.gate_close is None else (self.gate_far, self.gate_close)
+        key = tuple(stamp(p) for m in (*parts, *gates) for p in m.parameters())
         if getattr(self, "_kv_cache", (None,))[0] != key:
             with torch.no_grad():
                 weight, bias = self.gate_weights()
@@ -229,7 +230,7 @@ class DSLAAttention(nn.Module):
                 weight = weight.view(len(weight), H, 2, D).transpose(1, 2).reshape(len(weight), 2 * H * D)
                 codes = outputs = None
                 if parts:
-                    r, n = self.config.adapter_rank, H * D
+                    r, n = parts[0].A.shape[0], H * D
                     codes = weight.new_zeros(2 * n, 2 * r)
                     outputs = weight.new_zeros(2 * r, 2 * n)
                     for j, name in enumerate("kv"):
@@ -356,6 +357,7 @@ class DSLAAttention(nn.Module):
                     cast(self.mix_weights()), cast(self.gain), cast(self.out_gate.weight.t()) if c.output_gate else none,
                     cast(self.out_gate_bias) if c.output_gate else none, (self.num_heads, self.num_kv_heads, self.head_dim),
                     c.gate_normalizer, GATE_MIN, c.eps, c.normalize, c.rope,
+                    not isinstance(self.k_proj, nn.Linear),  # quantised projections (int4/int8): int8 gates too
                 )  # fmt: skip
             self._step_cache = (key, p)
         return self._step_cache[1]

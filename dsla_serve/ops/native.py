@@ -123,6 +123,7 @@ class StepParams:
     eps: float
     normalize: bool
     rope: bool
+    int8_gates: bool  # a quantised model's: the gates as int8 codes where the CPU has AVX512-VNNI
 
     def __getstate__(self) -> dict:  # the C++ object neither copies nor pickles: made again on first use
         return {k: v for k, v in self.__dict__.items() if k != "_bound"}
@@ -134,7 +135,16 @@ class StepParams:
             names = [f.name for f in fields(self)]
             tensors = [getattr(self, n) for n in names[: names.index("heads")]]
             D = self.heads[2]
-            options = (self.gate_normalizer, self.gate_min, self.eps, self.normalize, self.rope, D**-0.5, D**-0.5)
+            options = (
+                self.gate_normalizer,
+                self.gate_min,
+                self.eps,
+                self.normalize,
+                self.rope,
+                D**-0.5,
+                D**-0.5,
+                self.int8_gates,
+            )
             object.__setattr__(self, "_bound", load().StepLayer(tensors, *self.heads, *options))
         return self.__dict__["_bound"]
 

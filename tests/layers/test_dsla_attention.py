@@ -165,13 +165,13 @@ def test_merged_output_keeps_o_proj_trainable(tiny):
     assert layer.o_proj.weight.grad is not None and not hasattr(layer, "_merged_o")
 
 
-@pytest.mark.parametrize("adapters", ["qkvo", "k", "qo"])
-def test_inference_state_inputs_equal_the_modules(tiny, adapters):
-    """Without autograd the k/v adapters and both gates run on one [k | v] matrix (block-diagonal adapter,
+@pytest.mark.parametrize(("adapters", "variant"), [("qkvo", "dsla"), ("k", "dsla"), ("v", "gla"), ("qo", "dsla")])
+def test_inference_state_inputs_equal_the_modules(tiny, adapters, variant):
+    """Without autograd the k/v adapters and the gates run on one [k | v] matrix (block-diagonal adapter,
     gate columns reordered) and the q adapter by one addmm: in float64 the same states' keys, values, gate
-    pre-activations and queries as the modules' own forwards, following the adapters' updates."""
-    layer = convert(tiny.double(), [1], config=DSLAConfig(adapter_rank=3, adapters=adapters))[1]
-    randomize_gates([layer])
+    pre-activations and queries as the modules' own forwards, following updates of adapters and gates."""
+    config = DSLAConfig(adapter_rank=3, adapters=adapters, variant=variant)
+    layer = convert(tiny.double(), [1], config=config)[1]
     k, v = torch.randn(2, 2, layer.num_kv_heads, 7, layer.head_dim, dtype=torch.float64)
     q = torch.randn(2, layer.num_heads, 7, layer.head_dim, dtype=torch.float64)
     hidden = torch.randn(2, 7, tiny.config.hidden_size, dtype=torch.float64)
@@ -179,6 +179,7 @@ def test_inference_state_inputs_equal_the_modules(tiny, adapters):
         with torch.no_grad():
             for ada in layer.adapters.values():
                 ada.B.normal_()  # zero at initialisation: give it weight (and change it between the calls)
+        randomize_gates([layer])  # and new gate weights
         k_ref, v_ref = layer.adapt("k", k), layer.adapt("v", v)
         pre_ref = layer.gate_logits(k_ref, v_ref)[0]
         q_ref = layer.state_query(q, hidden)

@@ -5,6 +5,7 @@ attention decode — same logits and KV caches — in float64 and bfloat16."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import shutil
 
 import pytest
@@ -12,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from dsla_serve.config import DSLAConfig
+from dsla_serve.layers import DSLAAttention
 from dsla_serve.model import HybridCache, HybridModel, convert
 from dsla_serve.model.quant import quantize_model
 from dsla_serve.ops import native
@@ -101,7 +103,8 @@ def check_fused_equals_python(hybrid: HybridModel, monkeypatch) -> None:
 @torch.no_grad()
 def test_fused_step_bfloat16_close_to_python_step(monkeypatch):
     """bfloat16 activations and windows, float32 states: the fused step rounds less often than the
-    Python step (which rotates and projects gates in bfloat16), so they agree to bfloat16 tolerance."""
+    Python step (which rotates and projects gates in bfloat16), so they agree to bfloat16 tolerance.
+    (Unquantised: bfloat16 gate weights, as the Python step's.)"""
     hybrid = hybrid_model(CONFIGS["window-adapters-gate"], torch.bfloat16)
     caches = prefilled(hybrid, [hybrid.new_cache(range(4)) for _ in range(2)], (3, 11))
     tokens = torch.randint(0, 99, (2, 6))
@@ -132,25 +135,33 @@ def test_fused_step_follows_parameter_updates(monkeypatch):
     torch.testing.assert_close(decode(other, caches, tokens, fused=True, monkeypatch=monkeypatch)[0], ref)
 
 
-GATE_SHAPES = {(1, 384, 384): "int8", (8, 64, 64): "int8", (3, 48, 22): "bfloat16", (2, 40, 30): "none"}
+GATE_CASES = {  # (rows, n_out, n_in, a quantised model's): the packing expected
+    (1, 384, 384, True): "int8",
+    (8, 64, 64, True): "int8",
+    (8, 64, 64, False): "bfloat16",
+    (1, 384, 384, False): "bfloat16",
+    (8, 48, 22, True): "bfloat16",
+    (2, 40, 30, True): "none",
+}
 
 
-@pytest.mark.parametrize("shape", GATE_SHAPES)
-def test_gate_projection_against_float64(shape):
-    """The decode step's gate projection, with the weights as its layer packs them: int8 codes for
-    AVX512-VNNI where the build has it and the shape allows (the default model's (384, 384), the tiny test
-    models' (64, 64); 8 rows), else bfloat16 pairs for AVX512-BF16 (11 input pairs: the partial sums'
-    remainder), else float FMAs (n_out not a multiple of 16). int8: x Wqᵀ + b in float64 with Wq the
-    codes times their scale (Int8Linear's quantiser), up to the rows' two-pass int8 coding; bfloat16 and
-    float: bf16(x) Wᵀ + b (they round x as the Python step's bfloat16 projection does), up to float32 sums."""
-    B, n_out, n_in = shape
+@pytest.mark.parametrize("case", GATE_CASES)
+def test_gate_projection_against_float64(case):
+    """The decode step's gate projection, with the weights as its layer packs them: in a quantised model
+    int8 codes for AVX512-VNNI where the build has it and the shape allows (the default model's (384, 384),
+    the tiny test models' (64, 64)), else (and in an unquantised model) bfloat16 pairs for AVX512-BF16 (8
+    rows: two groups of four; 11 input pairs: the partial sums' remainder), else float FMAs (n_out not a
+    multiple of 16). int8: x Wqᵀ + b in float64 with Wq the codes times their scale (Int8Linear's
+    quantiser), up to the rows' two-pass int8 coding; bfloat16 and float: bf16(x) Wᵀ + b (they round x as
+    the Python step's bfloat16 projection does), up to float32 sums."""
+    B, n_out, n_in, int8 = case
     gen = torch.Generator().manual_seed(0)
     w, b = torch.randn(n_out, n_in, generator=gen).bfloat16(), torch.randn(n_out, generator=gen).bfloat16()
     x = torch.randn(B, n_in, generator=gen)
-    g, kind = native.load().gate_projection(w, b, x)
+    g, kind = native.load().gate_projection(w, b, x, int8)
     fallback = ("bfloat16", "none")  # a CPU without AVX512-VNNI or AVX512-BF16
     allowed = {"int8": ("int8",) if native.has_int4_gemv() else fallback, "bfloat16": fallback, "none": ("none",)}
-    assert kind in allowed[GATE_SHAPES[shape]]
+    assert kind in allowed[GATE_CASES[case]]
     exact = x.double() @ w.double().T + b.double()
     if kind == "int8":
         wq_scale = (w.float().abs().amax(1) / 127).clamp(min=1e-10).bfloat16().double()
@@ -343,7 +354,7 @@ def test_int4_decode_layer_equals_the_general_path(monkeypatch):
 @torch.no_grad()
 def test_fused_step_sees_replaced_parameters(monkeypatch):
     """A DSLA parameter replaced by a new one is read at the next decode step, and so are later in-place
-    writes to the new one (bfloat16: the step reads float32 copies, which a write does not reach)."""
+    writes to the new one (bfloat16: the step reads a float32 copy of the gain, which a write does not reach)."""
     hybrid = hybrid_model(CONFIGS["window-adapters-gate"], torch.bfloat16)
     caches = prefilled(hybrid, [hybrid.new_cache(range(4))], (9,))
     tokens = torch.randint(0, 99, (1, 1))
@@ -356,34 +367,56 @@ def test_fused_step_sees_replaced_parameters(monkeypatch):
         dsla.gain.mul_(0.5)  # written in place after the replacement
 
 
+def one_step(params, qkv_seed: int = 0) -> list[torch.Tensor]:
+    """One fused decode step of two pooled rows (one past the window, one not) from fixed random inputs:
+    o, the o adapter's output, the states and the rings."""
+    Hq, Hkv, D = params.heads
+    W, B = CONFIGS["window-adapters-gate"].window, 2
+    gen = torch.Generator().manual_seed(qkv_seed)
+    bf = lambda *s: torch.randn(*s, generator=gen).bfloat16()  # noqa: E731
+    qkv, hidden, cos, sin, lcos, lsin = bf(B, (Hq + 2 * Hkv) * D), bf(B, 192), bf(B, D), bf(B, D), bf(B, D), bf(B, D)
+    pos, slots = torch.tensor([W + 3, 1]), torch.tensor([1, 0])
+    states, ring_k, ring_v = torch.randn(2, 2, Hkv, D, D, generator=gen), bf(2, Hkv, W, D), bf(2, Hkv, W, D)
+    before = states.clone()
+    o, extra = native.decode_step(qkv, hidden, cos, sin, lcos, lsin, pos, slots, states, ring_k, ring_v, params)
+    assert not torch.equal(states, before)  # a token entered a state
+    return [o.float(), extra.float(), states, ring_k.float(), ring_v.float()]
+
+
+def head64_layer() -> DSLAAttention:
+    """A bfloat16 DSLA layer with heads of 64 (3 query heads a KV head) and trained-looking adapters."""
+    shape = {"hidden_size": 192, "num_attention_heads": 3, "num_key_value_heads": 1}
+    dsla = hybrid_model(CONFIGS["window-adapters-gate"], torch.bfloat16, **shape).dsla(1)
+    with torch.no_grad():
+        for ada in dsla.adapters.values():
+            ada.B.normal_()
+    return dsla
+
+
 @torch.no_grad()
 def test_fused_step_bfloat16_adapters_equal_float32_copies():
     """bfloat16 adapters are read as they are (half the bytes) and widened in the kernel: the same step as
-    with float32 copies of them, up to the order of the sums; the states and windows too."""
-    import dataclasses
-
-    shape = {"hidden_size": 192, "num_attention_heads": 3, "num_key_value_heads": 1}
-    hybrid = hybrid_model(CONFIGS["window-adapters-gate"], torch.bfloat16, **shape)
-    dsla = hybrid.dsla(1)
-    for ada in dsla.adapters.values():
-        ada.B.normal_()
-    p = dsla.step_params(torch.float32)
+    with float32 copies of them (the same sums in the same order: equal to float32 rounding); the states
+    and windows too."""
+    p = head64_layer().step_params(torch.float32)
     assert all(t.dtype == torch.bfloat16 for t in (p.ak, p.bk, p.av, p.bv, p.aq, p.bq, p.ao, p.bo))
     wide = dataclasses.replace(
         p, **{n: getattr(p, n).float() for n in ("ak", "bk", "av", "bv", "aq", "bq", "ao", "bo")}
     )
-    Hq, Hkv, D = p.heads
-    W, B = dsla.config.window, 2
-    gen = torch.Generator().manual_seed(0)
-    bf = lambda *s: torch.randn(*s, generator=gen).bfloat16()  # noqa: E731
-    qkv, hidden, cos, sin, lcos, lsin = bf(B, (Hq + 2 * Hkv) * D), bf(B, 192), bf(B, D), bf(B, D), bf(B, D), bf(B, D)
-    pos, slots = torch.tensor([W + 3, 1]), torch.tensor([1, 0])
-    pools = (torch.randn(2, 2, Hkv, D, D, generator=gen), bf(2, Hkv, W, D), bf(2, Hkv, W, D))
-    results = []
-    for params in (p, wide):
-        states, ring_k, ring_v = (t.clone() for t in pools)
-        o, extra = native.decode_step(qkv, hidden, cos, sin, lcos, lsin, pos, slots, states, ring_k, ring_v, params)
-        results.append((o.float(), extra.float(), states, ring_k.float(), ring_v.float()))
-    assert not torch.equal(results[0][2], pools[0])  # a token entered a state
-    for ours, ref in zip(*results, strict=True):
+    for ours, ref in zip(one_step(p), one_step(wide), strict=True):
         torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_fused_step_int8_gates_close_to_bfloat16_gates():
+    """A quantised model's step reads its gates as int8 codes (AVX512-VNNI): the states it writes and its
+    output stay within the codes' rounding of the bfloat16 gates' step, and differ from it (the int8
+    kernel ran)."""
+    if not native.has_int4_gemv():
+        pytest.skip("this CPU has no AVX512-VNNI: int8 gate codes are not used")
+    p = head64_layer().step_params(torch.float32)
+    assert not p.int8_gates  # an unquantised model's layer
+    ours, ref = one_step(dataclasses.replace(p, int8_gates=True)), one_step(p)
+    assert not torch.equal(ours[2], ref[2])
+    for a, b in zip(ours, ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=0.02, atol=0.02 * b.abs().max().item())

@@ -19,8 +19,9 @@
 //   states   (S, 2, Hkv, D, D) acc_t        in place
 //   ring_k/v (S, Hkv, W, D) scalar_t        in place (W = 0: unused)
 //   gate_w   (nG Hkv D, 2 Hkv D), gate_b (nG Hkv D)   nG = 2 (far, close) or 1 (single state); columns
-//            [k of every head | v of every head]; the weights' own dtype
-//   adapters (A: (r, in), B transposed: (r, out)) acc_t, or empty tensors
+//            [k of every head | v of every head]; in the weights' own dtype, or packed (pack_gate) with
+//            gate_scale: int8 codes' row scales, bfloat16 (out,), else empty
+//   adapters (A: (r, in), B transposed: (r, out)) acc_t or bfloat16, or empty tensors
 //   mix      (Hq, 2 | 3) acc_t              softmax of (alpha_far, alpha_close[, beta])
 //   gain     (Hq, D); og_w (D, D) transposed (in, out), og_b (Hq, D) or empty (no output gate)
 // Returns o (B, Hq D) scalar_t, and the o adapter's output (B, hidden) scalar_t (empty without one).
@@ -338,10 +339,11 @@ constexpr bool kBf16Dot = false;
 #endif
 
 // NOTE(decisions): where int8 codes do not apply (pack_gate), bfloat16 gate weights are packed for
-// AVX512-BF16's dot product (16 output rows per vector, an input pair per lane). As float FMAs on converted weights the gates took ~6 us of a batch-1
-// layer step's ~29 (its inputs in L2); packed, the step took ~26.6 (3 alternating runs each). Every
-// path rounds the rows to bfloat16 before a bfloat16 gate projection, as the Python step's does, so
-// a CPU with or without AVX512-BF16 computes the same gates (up to the order of the sums).
+// AVX512-BF16's dot product (16 output rows per vector, an input pair per lane). As float FMAs on
+// converted weights the gates took ~6 us of a batch-1 layer step's ~29 (its inputs in L2); packed, the
+// step took ~26.6 (3 alternating runs each). Every path with bfloat16 weights rounds the rows to
+// bfloat16 first, as the Python step's projection does, so a CPU with or without AVX512-BF16 computes
+// the same gates up to the order of the sums; int8 codes (quantised models) differ by their rounding.
 at::Tensor pack_gate_bf16(const at::Tensor& w) {  // (n_out, n_in) -> (n_out/16, n_in/2, 16, 2)
   return w.view({w.size(0) / 16, 16, w.size(1) / 2, 2}).transpose(1, 2).contiguous();
 }
@@ -1525,6 +1527,9 @@ std::vector<at::Tensor> dsla_decode_step(
   }
   TORCH_CHECK(hidden.numel() == 0 || hidden.scalar_type() == qkv.scalar_type(), "hidden must have qkv's dtype");
   TORCH_CHECK(pos.scalar_type() == at::kLong && slots.scalar_type() == at::kLong, "pos and slots must be int64");
+  TORCH_CHECK(pos.numel() == qkv.size(0) && slots.numel() == qkv.size(0) &&
+                  (hidden.numel() == 0 || (hidden.dim() == 2 && hidden.size(0) == qkv.size(0))),
+              "pos, slots and hidden need one row per row of qkv");
   const bool int8_gate = gate_w.scalar_type() == at::kByte;
   const int64_t KV = Hkv * D, n_out = gate_w.dim() == 2 ? gate_w.size(0) : gate_w.size(0) * 16;
   const int64_t n_in = gate_w.dim() == 2 ? gate_w.size(1) : int8_gate ? gate_w.size(1) * 4 : gate_w.size(1) * 2;
@@ -1537,8 +1542,10 @@ std::vector<at::Tensor> dsla_decode_step(
               "packed gate weights are bfloat16 (out/16, in/2, 16, 2) with AVX512-BF16, or int8 (out/16, in/4, 64) "
               "with a bfloat16 scale (out,) and AVX512-VNNI, each for float32 states");
   TORCH_CHECK(gate_w.is_contiguous() && (n_out == KV || n_out == 2 * KV) && n_in == 2 * KV && gate_b.numel() == n_out &&
+                  gate_b.is_contiguous() &&
                   gate_b.scalar_type() == (int8_gate ? at::kBFloat16 : gate_w.scalar_type()),
-              "gate weights must be contiguous (nG Hkv D, 2 Hkv D), nG = 1 or 2, with a bias of nG Hkv D in their dtype");
+              "gate weights must be contiguous (nG Hkv D, 2 Hkv D), nG = 1 or 2, with a contiguous bias of nG Hkv D in "
+              "their dtype (int8 codes: bfloat16)");
   for (const at::Tensor* t : {&mix, &gain, &og_w, &og_b}) {
     TORCH_CHECK(t->numel() == 0 || (t->scalar_type() == states.scalar_type() && t->is_contiguous()),
                 "layer parameters must be contiguous, in the states' dtype");
@@ -1777,32 +1784,32 @@ struct PackedGate {
   at::Tensor w, scale;  // scale: pack_gate_int8's, or empty
 };
 
-PackedGate pack_gate(const at::Tensor& w, bool float_states) {
-  // The gate weights as the decode step reads them: int8 codes for AVX512-VNNI where the shape allows,
-  // else packed for AVX512-BF16's dot product, else as they are.
+PackedGate pack_gate(const at::Tensor& w, bool float_states, bool int8) {
+  // The gate weights as the decode step reads them: with ``int8`` (a quantised model) int8 codes for
+  // AVX512-VNNI where the shape allows, else packed for AVX512-BF16's dot product, else as they are.
   // NOTE(decisions): int8 codes halve the bytes of the largest thing a DSLA layer's step reads (the
   // default model's gates: 295 -> 147 KB a layer); 100 % DSLA decode took 0.922 / 0.956 x the time of
   // bfloat16 gates at 512 tokens and 0.945 x at 2048 (interleaved runs, 8 x 40 steps each), and its
   // teacher-forced decode perplexity moved by +0.15 / +0.24 / -0.49 % at 25 / 50 / 100 % (8 held-out
-  // blocks of 8 domains, 128 tokens each).
-  if (float_states && int8_packable_gate(w)) {
+  // blocks of 8 domains, 128 tokens each; the int4 model).
+  if (int8 && float_states && int8_packable_gate(w)) {
     auto [packed, scale] = pack_gate_int8(w);
     return {packed, scale};
   }
   return {float_states && packable_gate(w) ? pack_gate_bf16(w) : w, at::empty({0}, w.options())};
 }
 
-std::tuple<at::Tensor, std::string> gate_projection(at::Tensor w, at::Tensor bias, at::Tensor x) {
+std::tuple<at::Tensor, std::string> gate_projection(at::Tensor w, at::Tensor bias, at::Tensor x, bool int8) {
   // The decode step's gate projection alone (for tests): x (B, in) float32 by bfloat16 w (out, in), packed
-  // as StepLayer packs it, and bias (out,): (B, out) float32, and the packing used ("int8", "bfloat16"
-  // or "none").
+  // as StepLayer packs it (``int8``: a quantised model's), and bias (out,): (B, out) float32, and the
+  // packing used ("int8", "bfloat16" or "none").
   TORCH_CHECK(w.scalar_type() == at::kBFloat16 && w.dim() == 2 && bias.scalar_type() == at::kBFloat16 &&
                   bias.numel() == w.size(0) && x.scalar_type() == at::kFloat && x.dim() == 2 && x.size(1) == w.size(1),
               "gate_projection: bfloat16 w (out, in) and bias (out,), float32 x (B, in)");
   const int64_t B = x.size(0), n_out = w.size(0), n_in = w.size(1);
   at::Tensor g = at::empty({B, n_out}, x.options());
   x = x.contiguous(), bias = bias.contiguous();
-  const PackedGate p = pack_gate(w.contiguous(), true);
+  const PackedGate p = pack_gate(w.contiguous(), true, int8);
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
   if (p.w.scalar_type() == at::kByte) {
     gate_gemv_int8(p.w, p.scale, bias, x.data_ptr<float>(), g.data_ptr<float>(), B, n_in);
@@ -1930,9 +1937,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_mlp", &int4_mlp, "x + a gated silu MLP of rms_norm(x), int4 weights");
   py::class_<StepLayer>(m, "StepLayer")
       .def(py::init([](std::vector<at::Tensor> p, int64_t Hq, int64_t Hkv, int64_t D, double gate_normalizer,
-                       double gate_min, double eps, bool normalize, bool rope, double scale, double window_scale) {
+                       double gate_min, double eps, bool normalize, bool rope, double scale, double window_scale,
+                       bool int8_gates) {
         TORCH_CHECK(p.size() == 14, "StepLayer takes the 14 parameter tensors of StepParams");
-        PackedGate gate = pack_gate(p[0], p[10].scalar_type() == at::kFloat);  // float32 states
+        PackedGate gate = pack_gate(p[0], p[10].scalar_type() == at::kFloat, int8_gates);  // float32 states
         p[0] = gate.w;
         return StepLayer{std::move(p), gate.scale, Hq, Hkv, D, gate_normalizer, gate_min, eps, normalize, rope, scale,
                          window_scale};
