@@ -69,16 +69,24 @@ def engine_version() -> str:
     return digest.hexdigest()[:12]
 
 
+ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8")
+"""The instruction sets the engine's speed depends on (bfloat16 GEMMs run on AMX where it exists):
+a model name such as "Intel(R) Xeon(R) Processor" does not tell them apart."""
+
+
 def machine_info() -> dict:
     """What a benchmark ran on, for its JSON output (with the engine version it measured)."""
-    cpu = platform.processor() or platform.machine()
+    cpu, flags = platform.processor() or platform.machine(), set()
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+            lines = f.read().splitlines()
+        cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), cpu)
+        flags = set(next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), []))
     except OSError:
         pass
     return {
         "cpu": cpu,
+        "isa": [f for f in ISA_FLAGS if f in flags],
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,

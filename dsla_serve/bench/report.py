@@ -33,7 +33,10 @@ def table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def machine_line(m: dict) -> str:
-    return f"{m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch threads, torch {m['torch']}, {m['platform']}"
+    isa = f" ({', '.join(m['isa'])})" if m.get("isa") else ""
+    return (
+        f"{m['cpu']}{isa}, {m['cores']} cores, {m['torch_threads']} torch threads, torch {m['torch']}, {m['platform']}"
+    )
 
 
 def engine_label(r: dict) -> str:

@@ -193,9 +193,9 @@ def ppl_ratios(ppl: dict[float, float], source: str = "") -> dict[float, float]:
 
 
 def machine_key(machine: dict, dtype: str) -> str:
-    """What makes timings comparable: the processor, cores, torch threads, torch version, the engine's
+    """What makes timings comparable: the processor and its instruction sets, cores, torch threads, torch version, the engine's
     version (``runtime.engine_version``: a profile measured before the engine changed is not used), dtype."""
-    names = ("cpu", "cores", "torch_threads", "torch", "gpu", "engine_version")
+    names = ("cpu", "isa", "cores", "torch_threads", "torch", "gpu", "engine_version")
     keys = {k: machine.get(k) for k in names} | {"dtype": dtype}
     return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:12]
 

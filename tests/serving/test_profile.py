@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from dsla_serve.cli import app
 from dsla_serve.model.loader import load_base
+from dsla_serve.runtime import ISA_FLAGS
 from dsla_serve.serving.profile import (
     Profile,
     ProfileError,
@@ -62,6 +63,13 @@ def test_save_load_and_resolve_from_the_cache(tmp_path, monkeypatch, tiny):
     older = {**this_machine(), "engine_version": "0" * 12}  # measured with another version of the engine: unused
     save(p, profile_path(fingerprint_of(tiny), machine_key(older, "float32")))
     assert this_machine()["engine_version"] != older["engine_version"] and resolve("auto", tiny, "float32") is None
+    isa = this_machine()["isa"]
+    assert set(isa) <= set(ISA_FLAGS)
+    other_isa = {
+        **this_machine(),
+        "isa": [f for f in isa if f != "amx_bf16"] if "amx_bf16" in isa else [*isa, "amx_bf16"],
+    }
+    assert machine_key(other_isa, "float32") != machine_key(this_machine(), "float32")
     path = save(p, profile_path(fingerprint_of(tiny), machine_key(this_machine(), "float32")))
     found = resolve("auto", tiny, "float32", quality)
     assert found.prefill == p.prefill and found.decode == p.decode
