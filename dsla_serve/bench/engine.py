@@ -52,6 +52,11 @@ class BenchSettings:
     batch_levels: list[float] = field(default_factory=lambda: [0.0, 0.5])  # levels at batch > 1 points
     repeats: int = 3
     warmup: int = 0  # untimed runs per prefill point (one short warm-up of every engine always runs first)
+    # NOTE(decisions): decoding before any timing, split between levels 0 and 1. With one step per level,
+    # the first point of two decode benches on the 2-core AMD machine (right after loading ours, Hugging
+    # Face's and llama.cpp's models) measured steps of 7.3-25 ms where the next point's took 7.3-17
+    # (medians: 0 % 11.1 vs 9.0 ms at twice the context); with 6 s, 6.6-11 ms (median 7.4) at 512 tokens.
+    warm_up_s: float = 6.0
     single_run_tokens: int = 8192  # prefill points of this many tokens (context x batch) or more: one run
     memory_measured_max: int = 2048  # memory: real prefills up to this context, the checked formula beyond
     decode_tokens: int = 16
@@ -176,13 +181,18 @@ class Engines:
 
     @torch.no_grad()
     def warm_up(self) -> None:
-        """One short prefill and decode per engine before any timing: first-call costs (allocator,
-        kernel selection, lazy imports) would otherwise land on the first point measured."""
+        """A short prefill and ``warm_up_s`` of decoding split between levels before any timing, one generate per
+        baseline: first-call costs (allocator, kernel selection, lazy imports) and the settling of the
+        memory the models were loaded into would otherwise land on the first point measured."""
         ids = self.ids(64, 1)
         for level in (0.0, 1.0):
-            cache = HybridCache([self.model.new_cache(self.layers(level), 66)])
+            cache = HybridCache([self.model.new_cache(self.layers(level), 64 + 1024)])
             token = prefill(self.model, ids, cache).argmax(-1)[:, None]
-            self.model(token, cache=cache, logits_for="last")
+            end = time.perf_counter() + self.s.warm_up_s / 2
+            for _ in range(1024):
+                token = self.model(token, cache=cache, logits_for="last")[0][:, -1].argmax(-1)[:, None]
+                if time.perf_counter() > end:
+                    break
         if self.hf is not None:
             self.hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=False)
 

@@ -12,7 +12,7 @@ from dsla_serve.bench.report import write_bench
 def result(tiny_model_dir) -> dict:
     settings = BenchSettings(contexts=[32, 64], batches=[1, 2], levels=[0.0, 0.5, 1.0], batch_levels=[0.0, 0.5],
                              repeats=2, single_run_tokens=64, memory_measured_max=32, decode_tokens=3,
-                             batch_context=32, model=str(tiny_model_dir), weights=None,
+                             batch_context=32, warm_up_s=0.2, model=str(tiny_model_dir), weights=None,
                              baselines=["hf-generate", "llama.cpp"])  # fmt: skip
     return run_suites(["prefill", "decode", "memory"], settings)
 
