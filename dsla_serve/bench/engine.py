@@ -55,7 +55,8 @@ class BenchSettings:
     # NOTE(decisions): decoding before any timing, split between levels 0 and 1. With one step per level,
     # the first point of two decode benches on the 2-core AMD machine (right after loading ours, Hugging
     # Face's and llama.cpp's models) measured steps of 7.3-25 ms where the next point's took 7.3-17
-    # (medians: 0 % 11.1 vs 9.0 ms at twice the context); with 6 s, 6.6-11 ms (median 7.4) at 512 tokens.
+    # (medians: 0 % 11.1 vs 9.0 ms at twice the context); with 6 s, 6.6-12 ms at 512 tokens (median 7.4)
+    # but for one step of each level at 24-25 ms (an interruption that the levels' taking turns shares out).
     warm_up_s: float = 6.0
     single_run_tokens: int = 8192  # prefill points of this many tokens (context x batch) or more: one run
     memory_measured_max: int = 2048  # memory: real prefills up to this context, the checked formula beyond
@@ -181,9 +182,9 @@ class Engines:
 
     @torch.no_grad()
     def warm_up(self) -> None:
-        """A short prefill and ``warm_up_s`` of decoding split between levels before any timing, one generate per
-        baseline: first-call costs (allocator, kernel selection, lazy imports) and the settling of the
-        memory the models were loaded into would otherwise land on the first point measured."""
+        """A short prefill and ``warm_up_s`` of decoding split between levels before any timing, one
+        generate per baseline: first-call costs (allocator, kernel selection, lazy imports) and the
+        settling of the memory the models were loaded into would otherwise land on the first point."""
         ids = self.ids(64, 1)
         for level in (0.0, 1.0):
             cache = HybridCache([self.model.new_cache(self.layers(level), 64 + 1024)])

@@ -8,9 +8,9 @@ dsla-serve profile --from-bench docs/bench/bench.json --quality docs/quality/qua
 A profile is measured by the benchmark suites (``dsla_serve/bench/engine.py``: batch-1 prefill at
 each level and prompt length, decode steps at each level and context, and a batch at one context)
 or read from their JSON (``dsla-serve bench ... --json``). It is cached under the cache dir, keyed
-by the model's fingerprint (architecture + attention weights), the machine (CPU or GPU, cores,
-torch threads, torch version, dtype) and the engine's version (a hash of its sources); ``dsla-serve
-serve`` finds it there by itself.
+by the model's fingerprint (architecture + attention weights), the machine (CPU and its instruction
+sets, or GPU; cores, torch threads, torch version, dtype) and the engine's version (a hash of its
+sources); ``dsla-serve serve`` finds it there by itself.
 
 Decode model: one step of a batch costs a shared part (weights read once per step, per-op
 overhead) plus each sequence's own part (its attention over its context, its states), so
@@ -193,8 +193,9 @@ def ppl_ratios(ppl: dict[float, float], source: str = "") -> dict[float, float]:
 
 
 def machine_key(machine: dict, dtype: str) -> str:
-    """What makes timings comparable: the processor and its instruction sets, cores, torch threads, torch version, the engine's
-    version (``runtime.engine_version``: a profile measured before the engine changed is not used), dtype."""
+    """What makes timings comparable: the processor and its instruction sets, cores, torch threads, torch
+    version, the engine's version (``runtime.engine_version``: a profile measured before the engine changed
+    is not used), dtype."""
     names = ("cpu", "isa", "cores", "torch_threads", "torch", "gpu", "engine_version")
     keys = {k: machine.get(k) for k in names} | {"dtype": dtype}
     return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:12]
