@@ -71,7 +71,8 @@ def engine_version() -> str:
 
 ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8")
 """The instruction sets the engine's speed depends on (bfloat16 GEMMs run on AMX where it exists):
-a model name such as "Intel(R) Xeon(R) Processor" does not tell them apart."""
+a model name such as "Intel(R) Xeon(R) Processor" does not tell them apart. x86 flags only: other
+architectures record none, and their profiles are told apart by the model name alone."""
 
 
 def machine_info() -> dict:

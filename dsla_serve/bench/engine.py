@@ -51,7 +51,7 @@ class BenchSettings:
     levels: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
     batch_levels: list[float] = field(default_factory=lambda: [0.0, 0.5])  # levels at batch > 1 points
     repeats: int = 3
-    warmup: int = 0  # untimed runs per prefill point (one short warm-up of every engine always runs first)
+    warmup: int = 0  # untimed runs per prefill point (our decode warm-up and one HF generate always run first)
     # NOTE(decisions): decoding before any timing, split between levels 0 and 1. With one step per level,
     # the first point of two decode benches on the 2-core AMD machine (right after loading ours, Hugging
     # Face's and llama.cpp's models) measured steps of 7.3-25 ms where the next point's took 7.3-17
@@ -182,15 +182,17 @@ class Engines:
 
     @torch.no_grad()
     def warm_up(self) -> None:
-        """A short prefill and ``warm_up_s`` of decoding split between levels before any timing, one
-        generate per baseline: first-call costs (allocator, kernel selection, lazy imports) and the
-        settling of the memory the models were loaded into would otherwise land on the first point."""
+        """A short prefill and ``warm_up_s`` of decoding split between levels before any timing, and one
+        Hugging Face generate (llama.cpp takes none): first-call costs (allocator, kernel selection, lazy
+        imports) and the settling of the memory the models were loaded into would otherwise land on the
+        first point."""
         ids = self.ids(64, 1)
+        steps = max(1, min(1024, (getattr(self.model.config, "max_position_embeddings", None) or 2048) - 66))
         for level in (0.0, 1.0):
-            cache = HybridCache([self.model.new_cache(self.layers(level), 64 + 1024)])
+            cache = HybridCache([self.model.new_cache(self.layers(level), 64 + steps)])
             token = prefill(self.model, ids, cache).argmax(-1)[:, None]
             end = time.perf_counter() + self.s.warm_up_s / 2
-            for _ in range(1024):
+            for _ in range(steps):  # within the model's positions
                 token = self.model(token, cache=cache, logits_for="last")[0][:, -1].argmax(-1)[:, None]
                 if time.perf_counter() > end:
                     break

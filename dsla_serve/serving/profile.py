@@ -274,11 +274,6 @@ def resolve(spec: str | None, base_model, dtype: str, quality: str | Path | None
     return profile
 
 
-# NOTE(decisions): the profile's defaults take the median of 3 prefill runs and 16 decode steps a point.
-# With 1 run and 8 steps (the earlier defaults) a profile on the 2-core AMD EPYC development machine read
-# 1.05 / 1.01 / 1.10 / 0.95 / 0.96 s for a 1024-token prefill at levels 0 / 0.125 / 0.25 / 0.375 / 0.5
-# (machine noise of ~5 %): a profile that says 25 % costs time at 1k tokens, where the bench measures 50 %
-# saving 15 %, steers the controller away from a level that pays.
 def measure(
     model: str | None, weights: str | None, dtype: str, levels: list[float], contexts: list[int], batch: int,
     batch_context: int, decode_tokens: int, repeats: int,
@@ -309,6 +304,11 @@ def _floats(text: str, kind: type, option: str) -> list:
         raise typer.BadParameter(f"{option} expects comma-separated numbers, got {text!r}") from None
 
 
+# NOTE(decisions): the profile's defaults take the median of 3 prefill runs and 16 decode steps a point.
+# With 1 run and 8 steps (the earlier defaults) a profile on the 2-core AMD EPYC development machine read
+# 1.05 / 1.01 / 1.10 / 0.95 / 0.96 s for a 1024-token prefill at levels 0 / 0.125 / 0.25 / 0.375 / 0.5
+# (machine noise of ~5 %): a profile that says 25 % costs time at 1k tokens, where the bench measures 50 %
+# saving 15 %, steers the controller away from a level that pays.
 def profile_command(
     model: str = typer.Option(None, help="Base model (default: embedded SmolLM2-135M-Instruct)."),
     weights: str = typer.Option("auto", help="DSLA checkpoint dir, 'auto' or 'none' (speed does not depend on it)."),
