@@ -221,8 +221,7 @@ class DSLAAttention(nn.Module):
         and B transposed (2r, 2·Hkv·D) (None without either adapter), and the gates' weight with its
         columns as [k of every head | v of every head], and bias; cached while none of them changes."""
         parts = [self.adapters[n] for n in "kv" if n in self.adapters]
-        gates = (self.gate_far,) if self.gate_close is None else (self.gate_far, self.gate_close)
-        key = tuple(stamp(p) for m in (*parts, *gates) for p in m.parameters())
+        key = tuple(stamp(p) for m in (*parts, *self.gate_modules()) for p in m.parameters())
         if getattr(self, "_kv_cache", (None,))[0] != key:
             with torch.no_grad():
                 weight, bias = self.gate_weights()
@@ -244,9 +243,13 @@ class DSLAAttention(nn.Module):
         """Log-decays (B, Hkv, T, D) of both states from un-rotated keys and values (B, Hkv, T, D)."""
         return log_decays(*self.gate_logits(k, v))
 
+    def gate_modules(self) -> tuple[nn.Linear, ...]:
+        """The gate projections: far and close, or far alone (single-state variant)."""
+        return (self.gate_far,) if self.gate_close is None else (self.gate_far, self.gate_close)
+
     def gate_weights(self) -> tuple[Tensor, Tensor]:
         """Both gates' weights stacked, so one matmul makes both; cached while the weights do not change."""
-        parts = (self.gate_far,) if self.gate_close is None else (self.gate_far, self.gate_close)
+        parts = self.gate_modules()
         if torch.is_grad_enabled() and any(p.requires_grad for m in parts for p in m.parameters()):
             return torch.cat([m.weight for m in parts]), torch.cat([m.bias for m in parts])
         key = tuple(stamp(p) for m in parts for p in m.parameters())
