@@ -251,48 +251,62 @@ def step_stats(times: list[float], batch: int) -> dict:
 @torch.no_grad()
 def bench_decode(e: Engines) -> list[dict]:
     """Per-token decode latency after a prompt of ``context`` tokens (median over the steps of one
-    generation of ``decode_tokens`` tokens), and the cache bytes per sequence it held."""
+    generation of ``decode_tokens`` tokens), and the cache bytes per sequence it held. Every (batch,
+    level) of a context takes turns step by step, so the batch sweep's tokens/s ratios are as robust
+    to outside load as the levels' ratios."""
     s, rows = e.s, []
     k = s.decode_tokens
+    by_context: dict[int, list[int]] = {}
     for context, batch in s.points():
-        ids = e.ids(context, batch)
-        folded = HybridCache([e.model.new_cache([], context + k + 1) for _ in range(batch)])
-        first = prefill(e.model, ids, folded).argmax(-1)[:, None]
+        by_context.setdefault(context, []).append(batch)
+    for context, batches in by_context.items():
         caches, tokens, times = {}, {}, {}
-        for level in sorted(s.levels_at(batch)):  # levels nest (a prefix of the order): fold onwards
-            for seq in folded.sequences:
-                e.model.fold_to_dsla(seq, e.layers(level))
-            caches[level], tokens[level], times[level] = copy.deepcopy(folded), first, []
-        for _ in range(k):  # levels take turns step by step, so outside load hits them alike
-            for level, cache in caches.items():
+        for batch in batches:
+            folded = HybridCache([e.model.new_cache([], context + k + 1) for _ in range(batch)])
+            first = prefill(e.model, e.ids(context, batch), folded).argmax(-1)[:, None]
+            for level in sorted(s.levels_at(batch)):  # levels nest (a prefix of the order): fold onwards
+                for seq in folded.sequences:
+                    e.model.fold_to_dsla(seq, e.layers(level))
+                key = (batch, level)
+                caches[key], tokens[key], times[key] = copy.deepcopy(folded), first, []
+        for _ in range(k):
+            for key, cache in caches.items():
                 t = time.perf_counter()
-                logits, _ = e.model(tokens[level], cache=cache, logits_for="last")
-                tokens[level] = logits[:, -1].argmax(-1)[:, None]
-                times[level].append(time.perf_counter() - t)
-        for level, cache in caches.items():
-            rows.append(row("decode", OURS, level, context, batch, **step_stats(times[level], batch),
+                logits, _ = e.model(tokens[key], cache=cache, logits_for="last")
+                tokens[key] = logits[:, -1].argmax(-1)[:, None]
+                times[key].append(time.perf_counter() - t)
+        for (batch, level), cache in caches.items():
+            rows.append(row("decode", OURS, level, context, batch, **step_stats(times[batch, level], batch),
                             cache_bytes_per_seq=cache[0].nbytes()))  # fmt: skip
-        if e.hf is not None:
-            past = e.hf(ids[:, :-1], use_cache=True, logits_to_keep=1).past_key_values
-            clock = StepClock()
-            e.hf.generate(
-                ids, attention_mask=torch.ones_like(ids), past_key_values=past, max_new_tokens=k + 1,
-                min_new_tokens=k + 1, do_sample=False, streamer=clock,
-            )  # fmt: skip
-            # stamps: the prompt, then each new token; the first token's step reads the last prompt token
-            steps = [b - a for a, b in itertools.pairwise(clock.stamps[1:])]
-            rows.append(row("decode", HF, 0.0, context, batch, **step_stats(steps, batch)))
-        if e.llama is not None and batch == 1:
-            e.llama.reset()
-            e.llama.eval(ids[0].tolist())
-            steps = []
-            for tok in e.corpus[:k]:
-                t = time.perf_counter()
-                e.llama.eval([tok])
-                steps.append(time.perf_counter() - t)
-            rows.append(row("decode", LLAMACPP, 0.0, context, 1, **step_stats(steps, 1)))
-        log.info("decode context=%d batch=%d done", context, batch)
+        for batch in batches:
+            rows += baseline_decode(e, context, batch)
+        log.info("decode context=%d batches=%s done", context, batches)
     return add_ratios(rows)
+
+
+def baseline_decode(e: Engines, context: int, batch: int) -> list[dict]:
+    """Hugging Face's and llama.cpp's decode rows at one point (each timed on its own)."""
+    rows, k, ids = [], e.s.decode_tokens, e.ids(context, batch)
+    if e.hf is not None:
+        past = e.hf(ids[:, :-1], use_cache=True, logits_to_keep=1).past_key_values
+        clock = StepClock()
+        e.hf.generate(
+            ids, attention_mask=torch.ones_like(ids), past_key_values=past, max_new_tokens=k + 1,
+            min_new_tokens=k + 1, do_sample=False, streamer=clock,
+        )  # fmt: skip
+        # stamps: the prompt, then each new token; the first token's step reads the last prompt token
+        steps = [b - a for a, b in itertools.pairwise(clock.stamps[1:])]
+        rows.append(row("decode", HF, 0.0, context, batch, **step_stats(steps, batch)))
+    if e.llama is not None and batch == 1:
+        e.llama.reset()
+        e.llama.eval(ids[0].tolist())
+        steps = []
+        for tok in e.corpus[:k]:
+            t = time.perf_counter()
+            e.llama.eval([tok])
+            steps.append(time.perf_counter() - t)
+        rows.append(row("decode", LLAMACPP, 0.0, context, 1, **step_stats(steps, 1)))
+    return rows
 
 
 def hf_cache_bytes(e: Engines, ids: torch.Tensor) -> int:

@@ -198,8 +198,8 @@ def bench_markdown(result: dict, plots: list[str]) -> str:
         f"{s['decode_tokens']} steps. Run time {result['elapsed_s'] / 60:.1f} min.",
         "Each cell: median, and in brackets the ratio to our engine at 0 % on the same point (times: > 1 is "
         "faster; memory: the fraction). The engines of a point take turns (prefill: run by run; our decode "
-        "levels: step by step), so outside load on a shared CPU falls on all of them alike; absolute times "
-        "still move with it.",
+        "levels and batch sizes at one context: step by step), so outside load on a shared CPU falls on all "
+        "of them alike; absolute times still move with it.",
     ]
     if result.get("notes"):
         parts.append("Notes:\n" + "\n".join(f"- {n}" for n in result["notes"]))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dsla_serve.bench.engine import BenchSettings, run_suites
+from dsla_serve.bench.engine import BenchSettings, Engines, bench_decode, run_suites
 from dsla_serve.bench.report import write_bench
 
 
@@ -64,3 +64,16 @@ def test_report_writes_markdown_json_and_plots(result, tmp_path):
     assert "## Targets" in text and "## Decode" in text and "| 64 | 1 |" in text
     assert (tmp_path / "bench.json").stat().st_size > 0
     assert len(list(tmp_path.glob("*.png"))) >= 3
+
+
+def test_decode_batch_sizes_of_a_context_take_turns_step_by_step(tiny_model_dir):
+    """The batch sweep's tokens/s ratios come from steps that alternate, not from runs minutes apart."""
+    settings = BenchSettings(contexts=[32], batches=[1, 2], levels=[0.0, 1.0], batch_levels=[0.0], decode_tokens=3,
+                             batch_context=32, warm_up_s=0.2, model=str(tiny_model_dir), weights=None, baselines=[])  # fmt: skip
+    e = Engines(settings)
+    steps: list[int] = []
+    e.model.register_forward_pre_hook(lambda _, args: steps.append(args[0].shape[0]) if args[0].shape[1] == 1 else None)
+    rows = bench_decode(e)
+    assert steps == [1, 1, 2] * 3  # batch 1 at levels 0 and 1, then batch 2 at level 0, step after step
+    assert {(r["batch"], r["level"]) for r in rows} == {(1, 0.0), (1, 1.0), (2, 0.0)}
+    assert all(len(r["times_s"]) == 3 for r in rows)
