@@ -276,7 +276,7 @@ def resolve(spec: str | None, base_model, dtype: str, quality: str | Path | None
 
 def measure(
     model: str | None, weights: str | None, dtype: str, levels: list[float], contexts: list[int], batch: int,
-    batch_context: int, decode_tokens: int, repeats: int,
+    batch_context: int, decode_tokens: int, repeats: int, warm_up_s: float = 6.0,
 ) -> tuple[Profile, str | None]:  # fmt: skip
     """Run the prefill and decode suites (no outside baselines) and return (profile, model fingerprint)."""
     from dsla_serve.bench.engine import BenchSettings, Engines, bench_decode, bench_prefill
@@ -284,7 +284,7 @@ def measure(
     s = BenchSettings(
         contexts=contexts, batches=sorted({1, batch}), levels=levels, batch_levels=levels, repeats=repeats,
         decode_tokens=decode_tokens, batch_context=batch_context, dtype=dtype, model=model, weights=weights,
-        baselines=[],
+        baselines=[], warm_up_s=warm_up_s,
     )  # fmt: skip
     e = Engines(replace(s, batches=[1]))  # prefill at batch 1 only: the batch point is for decode
     e.warm_up()
@@ -320,6 +320,7 @@ def profile_command(
     batch_context: int = typer.Option(1024, min=2, help="Context of the batch point."),
     decode_tokens: int = typer.Option(16, min=2, help="Decode steps per point (median)."),
     repeats: int = typer.Option(3, min=1, help="Timed prefill runs per point (median; the levels take turns)."),
+    warm_up: float = typer.Option(6.0, min=0, help="Seconds of decoding (levels 0 and 1) before any timing."),
     from_bench: Path = typer.Option(None, help="Take the timings from `dsla-serve bench ... --json` output instead."),
     quality: Path = typer.Option(
         None, help="Perplexity by level: quality.json of `eval quality` or `eval ppl --json`."
@@ -345,7 +346,8 @@ def profile_command(
             fp = fingerprint_of(load_base(model, "bfloat16" if dtype in QUANTIZERS else dtype).model)
         else:
             prof, fp = measure(model, None if weights == "none" else weights, dtype, _floats(levels, float, "--levels"),
-                               _floats(contexts, int, "--contexts"), batch, batch_context, decode_tokens, repeats)  # fmt: skip
+                               _floats(contexts, int, "--contexts"), batch, batch_context, decode_tokens, repeats,
+                               warm_up)  # fmt: skip
     except (ProfileError, ModelLoadError, CheckpointError, ValueError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None

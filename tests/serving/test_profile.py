@@ -86,7 +86,8 @@ def test_profile_command_measures_a_tiny_model_into_the_cache(tiny_checkpoint, t
     quality = tmp_path / "ppl.json"
     quality.write_text(json.dumps({"levels": [{"conversion": 0.0, "ppl": 4.0}, {"conversion": 1.0, "ppl": 6.0}]}))
     args = ["profile", "--model", str(tiny_checkpoint), "--weights", "none", "--dtype", "float32", "--levels", "0,0.5", "--contexts",
-            "16,48", "--batch", "2", "--batch-context", "16", "--decode-tokens", "2", "--quality", str(quality)]  # fmt: skip
+            "16,48", "--batch", "2", "--batch-context", "16", "--decode-tokens", "2", "--warm-up", "0.2", "--quality",
+            str(quality)]  # fmt: skip
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     base = load_base(str(tiny_checkpoint)).model
