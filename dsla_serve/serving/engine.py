@@ -275,7 +275,7 @@ class EngineCore:
     def snapshot(self) -> dict:
         """The GET /v1/dsla body. Engine thread only: it iterates the scheduler's and controller's containers."""
         running = list(self.scheduler.running)
-        level_count = self.controller.layers_at(self.controller.level)
+        level_count = self.controller.layers_at(self.controller.admission_ceiling())
         new_plan = set(self.info.order[:level_count])
         layers = []
         for i in range(self.model.num_layers):

@@ -54,9 +54,7 @@ QUALITY = {0.0: 1.0, 0.25: 1.1, 0.5: 1.5}
 
 def adaptive(profile: Profile | None = None, **kw) -> Controller:
     cfg = ControllerConfig(**({"profile": profile, "max_conversion": 0.5, "cooldown_s": 0} | kw))
-    c = Controller(32, cfg)
-    c.level = 0.5  # the ceiling is up: what each sequence gets under it is the profile's choice
-    return c
+    return Controller(32, cfg)  # level 0: with a profile, each new sequence's level is the profile's choice
 
 
 def test_paper_caps_preset_by_prompt_length():
@@ -158,8 +156,11 @@ def test_profile_picks_the_lowest_level_that_meets_the_slos():
     assert c.plan(3000, 100) == 12  # 3 s at 0, 2.25 s at 0.25, 1.875 s at 0.375: the lowest that meets it
     assert "lowest level predicted to meet" in c.last_plan[1]
     assert c.plan(3000, 100, request_max=0.0) == 0  # the request's own floor wins
-    c.level = 0.0
-    assert c.plan(3000, 100) == 0  # the ceiling is down: no conversion at all
+    assert c.level == 0.0 and c.snapshot()["layers_for_new_sequences"] == 16  # planned up to the top, not the level
+    no_profile = adaptive()
+    assert no_profile.plan(3000, 100) == 0  # without a profile the load-driven level is the ceiling
+    no_profile.level = 0.25
+    assert no_profile.plan(3000, 100) == 8
 
 
 def test_quality_budget_bounds_the_profile_choice():
@@ -273,12 +274,11 @@ def test_server_reports_mixed_floors_in_one_batch(tokenizer):
 def test_engine_plans_each_new_sequence_from_the_profile(tokenizer):
     slow_prefill = synthetic_profile(lambda lv, n: n * 0.1 * (1 - lv), own_decode)  # 500 tokens: 50 s at level 0
     core = make_core(tokenizer, ctrl={"policy": "adaptive", "profile": slow_prefill, "cooldown_s": 60})
-    core.control(policy="adaptive", level=0.5)  # the ceiling is up; each sequence's level is the profile's
     outs: list[list] = [[], []]
     short = Request("short", list(range(10, 20)), RequestParams(max_tokens=8, ignore_eos=True), outs[0].append)
     core.add(short)
     core.step()
-    assert short.dsla_count == 0  # 1 s to its first token at level 0: no conversion needed
+    assert core.controller.level == 0.0 and short.dsla_count == 0  # 1 s to its first token at level 0 meets 2 s
     long = Request("long", list(range(10, 510)), RequestParams(max_tokens=4, ignore_eos=True), outs[1].append)
     core.add(long)
     core.step()
