@@ -15,6 +15,8 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from dsla_serve.bench.common import WARM_UP_S
+
 err = Console(stderr=True, soft_wrap=True)  # no hard wraps: logs and pipes read whole lines
 # Perplexity by level for the replay's quality cost, as `dsla-serve eval quality --out-dir docs/quality` writes it.
 DEFAULT_QUALITY = Path("docs/quality/quality.json")
@@ -42,7 +44,7 @@ def suite_command(names: list[str], doc: str):
         batch_levels: str = typer.Option("0,0.5", help="Levels measured at batch > 1 (must include 0)."),
         repeats: int = typer.Option(3, min=1, help="Timed runs per point (decode: one run, median over steps)."),
         warmup: int = typer.Option(0, min=0, help="Untimed runs before each prefill point (one global warm-up runs)."),
-        warm_up: float = typer.Option(6.0, min=0, help="Seconds of decoding (levels 0 and 1) before any timing."),
+        warm_up: float = typer.Option(WARM_UP_S, min=0, help="Seconds of decoding (levels 0 and 1) before any timing."),
         single_run_tokens: int = typer.Option(8192, min=1, help="Prefill points of context x batch >= this: 1 run."),
         memory_measured_max: int = typer.Option(2048, min=0, help="Memory: real prefills up to this context."),
         decode_tokens: int = typer.Option(16, min=2, help="Tokens generated per decode point."),

@@ -6,6 +6,13 @@ import statistics
 import time
 from collections.abc import Callable, Hashable
 
+# NOTE(decisions): decoding before any timing, split between levels 0 and 1. With one step per level,
+# the first point of two decode benches on the 2-core AMD machine (right after loading ours, Hugging
+# Face's and llama.cpp's models) measured steps of 7.3-25 ms where the next point's took 7.3-17
+# (medians: 0 % 11.1 vs 9.0 ms at twice the context); with 6 s, 6.6-12 ms at 512 tokens (median 7.4)
+# but for one step of each level at 24-25 ms (an interruption that the levels' taking turns shares out).
+WARM_UP_S = 6.0
+
 
 def time_median(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> dict[str, float | list[float]]:
     """Run fn warmup + repeats times; median and all times in seconds."""

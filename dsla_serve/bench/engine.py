@@ -15,7 +15,9 @@ minute or more here, and one run of it varies far less than short ones do. Input
 
 Decode prefills each point once, all-attention, and reaches every level by folding the KV caches of
 the level's layers into DSLA states (the in-flight conversion the server does: exact, and far
-cheaper than one prefill per level); Hugging Face decodes from a cache prefilled the same way.
+cheaper than one prefill per level); Hugging Face decodes from a cache prefilled the same way. Every
+batch size and level of a context takes turns step by step, so their caches are held at once (with
+``grid="full"`` at long contexts, the sum over the batch sizes).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from functools import partial
 import torch
 from transformers.generation.streamers import BaseStreamer
 
-from dsla_serve.bench.common import time_interleaved
+from dsla_serve.bench.common import WARM_UP_S, time_interleaved
 from dsla_serve.bench.prompts import load_text
 from dsla_serve.generate import prefill
 from dsla_serve.model import HybridCache
@@ -52,12 +54,7 @@ class BenchSettings:
     batch_levels: list[float] = field(default_factory=lambda: [0.0, 0.5])  # levels at batch > 1 points
     repeats: int = 3
     warmup: int = 0  # untimed runs per prefill point (our decode warm-up and one HF generate always run first)
-    # NOTE(decisions): decoding before any timing, split between levels 0 and 1. With one step per level,
-    # the first point of two decode benches on the 2-core AMD machine (right after loading ours, Hugging
-    # Face's and llama.cpp's models) measured steps of 7.3-25 ms where the next point's took 7.3-17
-    # (medians: 0 % 11.1 vs 9.0 ms at twice the context); with 6 s, 6.6-12 ms at 512 tokens (median 7.4)
-    # but for one step of each level at 24-25 ms (an interruption that the levels' taking turns shares out).
-    warm_up_s: float = 6.0
+    warm_up_s: float = WARM_UP_S  # seconds of decoding before any timing (NOTE in common.py)
     single_run_tokens: int = 8192  # prefill points of this many tokens (context x batch) or more: one run
     memory_measured_max: int = 2048  # memory: real prefills up to this context, the checked formula beyond
     decode_tokens: int = 16

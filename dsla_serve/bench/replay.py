@@ -80,7 +80,7 @@ class Policy:
         return [*args, "--conversion", str(self.level)] if self.level is not None else args
 
     def dsla_body(self) -> dict:
-        """POST /v1/dsla body; adaptive restarts from level 0 so each replay starts all-attention."""
+        """POST /v1/dsla body; adaptive restarts from level 0, its calm state, so replays start alike."""
         level = 0.0 if self.name == "adaptive" else self.level
         return {"policy": self.name} | ({"level": level} if level is not None else {})
 

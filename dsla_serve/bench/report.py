@@ -256,7 +256,7 @@ def replay_plots(result: dict, out: Path) -> list[str]:
             pts = [(t, v) for t, v in zip(sr["t"], sr[key], strict=True) if v is not None]
             if pts:
                 ax.step(*zip(*pts, strict=True), where="post", label=run["policy"])
-    axes[0].set_ylabel("conversion level")
+    axes[0].set_ylabel("controller level")
     axes[1].set_ylabel("queue depth")
     axes[1].set_xlabel("seconds since replay start")
     for ax in axes:

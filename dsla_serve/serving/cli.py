@@ -161,5 +161,5 @@ def control(
     c = state["controller"]
     summary = {"policy": c["policy"], "level": c["level"], "layers_for_new_sequences": c["layers_for_new_sequences"],
                "running": len(state["sequences"]), "conversions": state["conversions"],
-               "last_decision": c["decisions"][0] if c["decisions"] else None}  # fmt: skip
+               "last_plan": c["last_plan"], "last_decision": c["decisions"][0] if c["decisions"] else None}  # fmt: skip
     print(json.dumps(summary, indent=2))

@@ -1,16 +1,16 @@
 """Adaptive conversion controller: load signals -> how many layers each sequence runs as DSLA, and why.
 
-The controller owns the *level*: under the adaptive policy, the most conversion (a fraction of the
-layers, a prefix of the conversion order) it allows now. It moves with hysteresis from the engine's
-signals: memory pressure, decode time per token, the step time sequences see, time to first token
-(measured, and predicted for the queue head), queue depth and waiting prompt tokens. Each new
-sequence then gets its own level under that ceiling, chosen at admission:
+The controller owns the *level* (a fraction of the layers, a prefix of the conversion order), which
+moves with hysteresis from the engine's signals: memory pressure, decode time per token, the step time
+sequences see, time to first token (measured, and predicted for the queue head), queue depth and
+waiting prompt tokens. Each new sequence gets its own level, chosen at admission:
 
-- with a speed profile (``profile.py``): the lowest level whose predicted TTFT and time per token
-  meet the SLO targets when nobody waits behind it, else the level that serves it fastest (its
-  service time is what the requests behind it wait for), never above the quality budget (the
-  largest perplexity ratio allowed) nor the request's own ``max_level``;
-- without one: the ceiling, capped by prompt length (the paper's caps).
+- with a speed profile (``profile.py``), whatever the level: the lowest level whose predicted TTFT
+  and time per token meet the SLO targets when nobody waits behind it, else the level that serves it
+  fastest (its service time is what the requests behind it wait for), never above ``max_conversion``,
+  the quality budget (the largest perplexity ratio allowed) nor the request's own ``max_level``; the
+  level is then the controller's load state, for the log and the metrics;
+- without one: the level, capped by prompt length (the paper's caps).
 
 It never touches tensors. Its decisions carry per-sequence targets (layers to fold running
 sequences up to); the engine applies them between steps without asking back.
@@ -21,7 +21,14 @@ NOTE(decisions):
 - Decode time per token is the batched decode call alone; prefill chunks read in the same step
   (other requests' prompts) are a separate signal. Folding running sequences speeds up decode only,
   so only memory pressure or slow decode converts running sequences; slow steps from prefill
-  interference, long waits and queues raise the level for new sequences, whose prompts they are.
+  interference, long waits and queues raise the level only (without a profile, new sequences'
+  ceiling), since new sequences' prompts are what they measure.
+- With a profile, new sequences are planned up to the top, not under the level: planned under it, a
+  long prompt that arrived while the server was calm (level stepped down) was read all-attention
+  however late that made it, and held the server when the next burst came. 64 requests of the
+  paper's prompt mix at U = 0.9 on the 2-core AMD EPYC: 2.47x lower mean end-to-end latency than
+  all-attention planned under the level (10 % of the sequence-time left at level 0), against 3.41x
+  for every request at 50 % (docs/replay/README.md).
 - Hysteresis: a rise needs one signal above its high threshold; a step down needs every signal
   below its low threshold for a whole cooldown; any change holds for ``cooldown_s``.
 - Caps by prompt length (``--caps paper``) bind the adaptive policy only; by default they apply only
@@ -287,14 +294,8 @@ class Controller:
         return min(level, self.top, self.cap(prompt_tokens), request_max)
 
     def admission_ceiling(self) -> float:
-        """The level new sequences are planned under. The adaptive policy with a profile plans each one up
-        to its top (the lowest level predicted to meet the SLOs; the fastest with requests queued behind
-        it), whatever the load-driven level, which then bounds what running sequences are folded to.
-        NOTE(decisions): with the load-driven level as the ceiling, a prompt that arrived while the
-        server was calm (level stepped down) was read all-attention however late that made it, and held
-        the server when the next burst came: 64 requests of the paper's mix at U = 0.9 (2-core AMD EPYC),
-        adaptive 2.47x lower mean end-to-end latency than all-attention against 3.41x for every request
-        at 50 %, with 10 % of its sequence-time at level 0 (docs/replay/README.md)."""
+        """The most conversion a new sequence is planned under: the top for the adaptive policy with a
+        profile (module NOTE), else the level."""
         return self.top if self.policy == "adaptive" and self.profile is not None else self.level
 
     def max_level_for(self, prompt_tokens: int, request_max: float = 1.0) -> float:

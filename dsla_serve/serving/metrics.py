@@ -43,7 +43,12 @@ class EngineMetrics:
         self.e2e = Histogram(
             "dsla_request_latency_seconds", "Arrival to finish of a request.", buckets=LATENCY_BUCKETS, registry=r
         )
-        self.level = Gauge("dsla_conversion_level", "Fraction of layers new sequences run as DSLA.", registry=r)
+        self.level = Gauge(
+            "dsla_conversion_level",
+            "The controller's level: without a speed profile the most layers new sequences run as DSLA; with one "
+            "its load state (each new sequence is planned on its own).",
+            registry=r,
+        )
         self.kv_bytes = Gauge("dsla_kv_cache_bytes", "KV-cache bytes held by running sequences.", registry=r)
         self.state_bytes = Gauge("dsla_state_bytes", "DSLA state bytes held by running sequences.", registry=r)
         self.state_pool_bytes = Gauge(

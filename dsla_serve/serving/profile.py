@@ -33,6 +33,8 @@ import numpy as np
 import torch
 import typer
 
+from dsla_serve.bench.common import WARM_UP_S
+
 log = logging.getLogger(__name__)
 
 KIND = "dsla-serve profile"
@@ -276,7 +278,7 @@ def resolve(spec: str | None, base_model, dtype: str, quality: str | Path | None
 
 def measure(
     model: str | None, weights: str | None, dtype: str, levels: list[float], contexts: list[int], batch: int,
-    batch_context: int, decode_tokens: int, repeats: int, warm_up_s: float = 6.0,
+    batch_context: int, decode_tokens: int, repeats: int, warm_up_s: float = WARM_UP_S,
 ) -> tuple[Profile, str | None]:  # fmt: skip
     """Run the prefill and decode suites (no outside baselines) and return (profile, model fingerprint)."""
     from dsla_serve.bench.engine import BenchSettings, Engines, bench_decode, bench_prefill
@@ -320,7 +322,7 @@ def profile_command(
     batch_context: int = typer.Option(1024, min=2, help="Context of the batch point."),
     decode_tokens: int = typer.Option(16, min=2, help="Decode steps per point (median)."),
     repeats: int = typer.Option(3, min=1, help="Timed prefill runs per point (median; the levels take turns)."),
-    warm_up: float = typer.Option(6.0, min=0, help="Seconds of decoding (levels 0 and 1) before any timing."),
+    warm_up: float = typer.Option(WARM_UP_S, min=0, help="Seconds of decoding (levels 0 and 1) before any timing."),
     from_bench: Path = typer.Option(None, help="Take the timings from `dsla-serve bench ... --json` output instead."),
     quality: Path = typer.Option(
         None, help="Perplexity by level: quality.json of `eval quality` or `eval ppl --json`."

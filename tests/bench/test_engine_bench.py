@@ -69,8 +69,8 @@ def test_report_writes_markdown_json_and_plots(result, tmp_path):
 def test_decode_batch_sizes_of_a_context_take_turns_step_by_step(tiny_model_dir):
     """The batch sweep's tokens/s ratios come from steps that alternate, not from runs minutes apart."""
     settings = BenchSettings(contexts=[32], batches=[1, 2], levels=[0.0, 1.0], batch_levels=[0.0], decode_tokens=3,
-                             batch_context=32, warm_up_s=0.2, model=str(tiny_model_dir), weights=None, baselines=[])  # fmt: skip
-    e = Engines(settings)
+                             batch_context=32, model=str(tiny_model_dir), weights=None, baselines=[])  # fmt: skip
+    e = Engines(settings)  # no warm-up: bench_decode alone
     steps: list[int] = []
     e.model.register_forward_pre_hook(lambda _, args: steps.append(args[0].shape[0]) if args[0].shape[1] == 1 else None)
     rows = bench_decode(e)

@@ -161,6 +161,8 @@ def test_profile_picks_the_lowest_level_that_meets_the_slos():
     assert no_profile.plan(3000, 100) == 0  # without a profile the load-driven level is the ceiling
     no_profile.level = 0.25
     assert no_profile.plan(3000, 100) == 8
+    c.set(policy="static", level=0.25)
+    assert c.plan(3000, 100) == 8 and c.snapshot()["layers_for_new_sequences"] == 8  # static: the level, profile or not
 
 
 def test_quality_budget_bounds_the_profile_choice():
