@@ -278,7 +278,7 @@ def resolve(spec: str | None, base_model, dtype: str, quality: str | Path | None
 
 def measure(
     model: str | None, weights: str | None, dtype: str, levels: list[float], contexts: list[int], batch: int,
-    batch_context: int, decode_tokens: int, repeats: int, warm_up_s: float = WARM_UP_S,
+    batch_context: int, decode_tokens: int, repeats: int, warm_up_s: float,
 ) -> tuple[Profile, str | None]:  # fmt: skip
     """Run the prefill and decode suites (no outside baselines) and return (profile, model fingerprint)."""
     from dsla_serve.bench.engine import BenchSettings, Engines, bench_decode, bench_prefill
