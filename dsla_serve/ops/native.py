@@ -96,6 +96,13 @@ def available() -> bool:
     return load() is not None
 
 
+def _ext() -> object:
+    """The extension, for the wrappers below: their callers decided by ``available()`` (or ``load()``)
+    that the kernels run. NOTE(decisions): the ``DSLA_SERVE_NATIVE`` lookup in ``load`` takes ~0.7 us,
+    and a batch-1 decode step made ~126 wrapper calls (~90 us of ~6.5 ms); decisions still read it."""
+    return _module if _module is not None else load()
+
+
 @dataclass(frozen=True)
 class StepParams:
     """A DSLA layer's parameters as the fused step reads them (contiguous, in the state dtype but the
@@ -145,7 +152,7 @@ class StepParams:
                 D**-0.5,
                 self.int8_gates,
             )
-            object.__setattr__(self, "_bound", load().StepLayer(tensors, *self.heads, *options))
+            object.__setattr__(self, "_bound", _ext().StepLayer(tensors, *self.heads, *options))
         return self.__dict__["_bound"]
 
 
@@ -161,7 +168,7 @@ def decode_step(
     (S, 2, Hkv, D, D) and the rings (S, Hkv, W, D). Returns the mixed read-out (B, Hq·D) before o_proj
     and the o adapter's output (B, hidden), or None without one.
     """
-    o, extra = load().dsla_decode_layer(
+    o, extra = _ext().dsla_decode_layer(
         qkv, hidden, cos, sin, lcos, lsin, pos, slots, states, ring_k, ring_v, p.bound()
     )
     return o, (extra if extra.numel() else None)
@@ -176,54 +183,54 @@ def attention_decode(
     (in place; the caller makes room and advances the length); returns the output (B, Hq·D) before
     o_proj, softmax over the row's lengths[b] + 1 keys."""
     Hq, Hkv, D = heads
-    return load().attention_decode(qkv, cos, sin, keys, values, lengths, Hq, Hkv, D, D**-0.5)
+    return _ext().attention_decode(qkv, cos, sin, keys, values, lengths, Hq, Hkv, D, D**-0.5)
 
 
 def watch(tensors: list[Tensor]) -> object:
     """A watch over tensors whose ``changed()`` says whether any was written in place (its version
     counter moved) or moved (its data pointer) since the last call."""
-    return load().Watch(tensors)
+    return _ext().Watch(tensors)
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """A Llama RMSNorm of x (..., hidden) in one pass: float32 statistics and normalisation (for a
     float64 x too, as Llama's norm casts), rounded to x's dtype, times weight (hidden,) of that dtype.
     No autograd."""
-    return load().rms_norm(x, weight, eps)
+    return _ext().rms_norm(x, weight, eps)
 
 
 def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """``naive.rotate`` (Llama's RoPE) of x (B, H, T, D) with cos/sin (B, T, D) in one pass: a contiguous
     (B, H, T, D) tensor, computed in float (float64 for float64) and rounded once. No autograd."""
-    return load().rope(x, cos.to(x.dtype), sin.to(x.dtype))
+    return _ext().rope(x, cos.to(x.dtype), sin.to(x.dtype))
 
 
 def silu_mul(gate_up: Tensor) -> Tensor:
     """silu(gate) * up for a fused projection's output (..., 2 I) = [gate | up]: (..., I). No autograd."""
-    return load().silu_mul(gate_up)
+    return _ext().silu_mul(gate_up)
 
 
 def has_int4_gemv() -> bool:
     """Whether the kernels are built with the AVX512-VNNI int4 GEMV (the CPU has the instructions)."""
-    return available() and load().has_int4_gemv()
+    return available() and _ext().has_int4_gemv()
 
 
 def int8_gemv(x: Tensor, packed: Tensor, scale: Tensor, residual: bool = False) -> Tensor:
     """x (M, in) times int8 weights packed by ``quant.pack_int8_vnni`` with bf16 scales per row: (M, out)
     in x's dtype (activations quantised to int8 per group of 32, as ``int4_gemv``)."""
-    return load().int8_gemv(x, packed, scale, residual)
+    return _ext().int8_gemv(x, packed, scale, residual)
 
 
 def int8_dequant(packed: Tensor, scale: Tensor) -> Tensor:
     """``int8_gemv``'s weights de-quantised: (out, in) bf16, code times scale rounded once."""
-    return load().int8_dequant(packed, scale)
+    return _ext().int8_dequant(packed, scale)
 
 
 def int4_gemv(x: Tensor, packed: Tensor, scale: Tensor, offset: Tensor, residual: bool = False) -> Tensor:
     """x (M, in) times int4 weights packed by ``quant.pack_int4_vnni``: (M, out) in x's dtype. The
     activations are quantised to int8 per group of 32; ``residual``: and what that misses, in a second
     int8 pass (twice the integer products, ~1/254 of the rounding error)."""
-    return load().int4_gemv(x, packed, scale, offset, residual)
+    return _ext().int4_gemv(x, packed, scale, offset, residual)
 
 
 Int4Args = tuple[Tensor, Tensor, Tensor]  # an int4 linear's (packed, scale, offset), as ``int4_gemv`` reads them
@@ -231,12 +238,12 @@ Int4Args = tuple[Tensor, Tensor, Tensor]  # an int4 linear's (packed, scale, off
 
 def norm_int4(x: Tensor, norm_w: Tensor, eps: float, w: Int4Args, residual: bool = False) -> tuple[Tensor, Tensor]:
     """h = ``rms_norm``(x) and h W^T (x (B, T, hidden); W int4): what ``rms_norm`` then ``int4_gemv`` return."""
-    return load().norm_int4(x, norm_w, eps, *w, residual)
+    return _ext().norm_int4(x, norm_w, eps, *w, residual)
 
 
 def int4_residual(x: Tensor, o: Tensor, w: Int4Args, extra: Tensor | None = None, residual: bool = False) -> Tensor:
     """x + (o W^T + extra), rounded as those three ops round (``extra``: e.g. an o adapter's output)."""
-    return load().int4_residual(x, o, *w, residual, extra)
+    return _ext().int4_residual(x, o, *w, residual, extra)
 
 
 def int4_mlp(
@@ -244,7 +251,7 @@ def int4_mlp(
 ) -> Tensor:
     """x + down(silu(gate) · up) of rms_norm(x), gate and up one fused int4 linear; rounded as the
     separate calls (``rms_norm``, ``int4_gemv``, ``silu_mul``, ``int4_gemv``, add) round."""
-    return load().int4_mlp(x, norm_w, eps, *gate_up, *down, residual)
+    return _ext().int4_mlp(x, norm_w, eps, *gate_up, *down, residual)
 
 
 def check_gates(g_far: Tensor | None, g_close: Tensor | None, gate_logits: GateLogits | None) -> None:
@@ -288,7 +295,7 @@ def scan_dsla(
         q_rot, k_rot, cos, sin = (cast(t) for t in rotary)
     og, og_b = (cast(out_gate[0]), out_gate[1].to(f).contiguous()) if out_gate is not None else (none, none.to(f))
     logits, normalizer, gate_min = (none, 1.0, 0.0) if gate_logits is None else gate_logits
-    o, state = load().dsla_scan(
+    o, state = _ext().dsla_scan(
         cast(q), cast(k), cast(v), none.to(f) if g_far is None else g_far.to(f),
         none.to(f) if g_close is None else g_close.to(f), cast(logits), normalizer, gate_min, state.contiguous(),
         weights, gain.to(f).contiguous() if gain is not None else none.to(f),

@@ -6,10 +6,10 @@ sequences see, time to first token (measured, and predicted for the queue head),
 waiting prompt tokens. Each new sequence gets its own level, chosen at admission:
 
 - with a speed profile (``profile.py``), whatever the level: the lowest level whose predicted TTFT
-  and time per token meet the SLO targets when nobody waits behind it, else the level that serves it
-  fastest (its service time is what the requests behind it wait for), never above ``max_conversion``,
-  the quality budget (the largest perplexity ratio allowed) nor the request's own ``max_level``; the
-  level is then the controller's load state, for the log and the metrics;
+  and time per token meet the SLO targets (the nearest if none does); under load (the level above 0)
+  with requests queued behind it, the level that serves it fastest (its service time is what they
+  wait for); never above ``max_conversion``, the quality budget (the largest perplexity ratio
+  allowed) nor the request's own ``max_level``; the level is then the controller's load state;
 - without one: the level, capped by prompt length (the paper's caps).
 
 It never touches tensors. Its decisions carry per-sequence targets (layers to fold running
@@ -326,9 +326,9 @@ class Controller:
             )
 
         feasible = [lv for lv in levels if meets(lv)]
-        if behind > 0:
+        if behind > 0 and self.level > 0:
             level = min(levels, key=lambda lv: (preds[lv][2], lv))
-            why = f"{behind} queued behind it: the fastest service under {hi:g}"
+            why = f"under load, {behind} queued behind it: the fastest service under {hi:g}"
         elif feasible:
             level, why = feasible[0], "the lowest level predicted to meet the SLOs"
         else:

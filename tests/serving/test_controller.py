@@ -172,10 +172,16 @@ def test_quality_budget_bounds_the_profile_choice():
     assert "no level under 0.25" in c.last_plan[1]
 
 
-def test_with_requests_queued_behind_the_fastest_service_wins_unless_dsla_is_slower():
+def test_under_load_with_requests_queued_behind_the_fastest_service_wins_unless_dsla_is_slower():
     c = adaptive(synthetic_profile(dsla_pays, own_decode))
+    assert c.plan(1000, 100, behind=2) == 0  # calm (level 0): the lowest level that meets the SLOs
+    assert "lowest level predicted to meet" in c.last_plan[1]
+    c.level = 0.125  # a load signal raised it
     assert c.plan(1000, 100, behind=2) == 16  # its service time is what the queue waits for
+    assert "under load, 2 queued behind it" in c.last_plan[1]
+    assert c.plan(1000, 100) == 0  # nobody behind it: the SLOs decide, at any load
     slow = adaptive(synthetic_profile(dsla_costs, own_decode))
+    slow.level = 0.5
     assert slow.plan(1000, 10, behind=2) == 0  # conversion would only slow it down
 
 
