@@ -168,6 +168,9 @@ def replay(
     ),
     out: Path = typer.Option(Path("runs/replay"), help="Directory for replay.json, REPLAY.md, plots, server logs."),
     as_json: bool = typer.Option(False, "--json", help="Print the summaries as JSON."),
+    render: bool = typer.Option(
+        False, "--render", help="Replay nothing: write REPLAY.md and the plots of --out again from its replay.json."
+    ),
 ) -> None:
     """Replay a trace against the server over HTTP (streaming) and report latency, throughput and SLOs."""
     from transformers import AutoConfig, AutoTokenizer
@@ -182,6 +185,13 @@ def replay(
     from dsla_serve.model.loader import resolve
     from dsla_serve.runtime import machine_info
 
+    if render:  # the report as this version writes it, from a run's results
+        try:
+            result = json.loads((out / "replay.json").read_text())
+        except (OSError, ValueError) as e:
+            _fail(f"--render reads {out / 'replay.json'}: {e}")
+        err.print(f"wrote {report.write_replay(result, out)}")
+        return
     if (trace is None) == (synthetic is None):
         _fail("give either --trace FILE or --synthetic N")
     if endpoint not in ("completions", "chat"):

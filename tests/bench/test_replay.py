@@ -96,6 +96,25 @@ def test_level_shares_and_quality_cost():
     assert quality_cost({"0.5": 1.0}, None) is None
 
 
+def test_replay_targets_judge_the_load_the_run_measured():
+    fast = {
+        "e2e_mean_speedup_vs_first": 3.1,
+        "per_token_speedup_vs_first": 2.4,
+        "quality": {"weighted_ppl_ratio": 1.07},
+    }
+    assert report.replay_targets(fast, 0.9).endswith("at 1.07 — met.")
+    costly = fast | {"quality": {"weighted_ppl_ratio": 1.2}}
+    assert report.replay_targets(costly, 0.9).endswith("— NOT met.")  # the gain must stay within the perplexity bound
+    one_sided = fast | {"per_token_speedup_vs_first": 1.6}
+    assert report.replay_targets(one_sided, 0.9).endswith("— NOT met.")  # both latencies must gain 2.3x
+    calm = {"e2e_mean_speedup_vs_first": 0.96, "per_token_speedup_vs_first": 1.01, "quality": None}
+    assert "low load" in report.replay_targets(calm, 0.3) and report.replay_targets(calm, 0.3).endswith("— met.")
+    slower = calm | {"e2e_mean_speedup_vs_first": 0.9}
+    assert report.replay_targets(slower, 0.3).endswith("— NOT met.")  # more than 5 % slower than all-attention
+    both = report.replay_targets(fast, None)  # --time-scale: the run did not measure its load
+    assert "not measured" in both and "high load" in both and "low load" in both
+
+
 def test_parse_metrics_keeps_gauges_and_counters():
     r = CollectorRegistry()
     Gauge("dsla_queue_depth", "q", registry=r).set(3)
@@ -186,6 +205,14 @@ def test_replay_command_on_a_synthetic_trace(server, tmp_path):
     assert saved["trace"]["rate_per_s"] == pytest.approx(0.5 * load["capacity_requests_per_s"])
     assert "utilisation 0.5" in (out / "REPLAY.md").read_text()
     assert (tmp_path / "t.csv").read_text().startswith("TIMESTAMP,ContextTokens,GeneratedTokens")
+    (out / "REPLAY.md").unlink()
+    again = subprocess.run([sys.executable, "-m", "dsla_serve.cli", "replay", "--render", "--out", str(out)],
+                           capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert again.returncode == 0 and "utilisation 0.5" in (out / "REPLAY.md").read_text()  # from replay.json alone
+    assert json.loads((out / "replay.json").read_text()) == saved
+    missing = subprocess.run([sys.executable, "-m", "dsla_serve.cli", "replay", "--render", "--out", str(tmp_path)],
+                             capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert missing.returncode == 2 and "--render reads" in missing.stderr
     bad = subprocess.run([sys.executable, "-m", "dsla_serve.cli", "replay", "--trace", str(tmp_path / "t.csv"),
                           "--synthetic", "3"], capture_output=True, text=True, timeout=120)  # fmt: skip
     assert bad.returncode == 2 and "either --trace FILE or --synthetic N" in bad.stderr
