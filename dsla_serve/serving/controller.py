@@ -29,7 +29,7 @@ NOTE(decisions):
   paper's prompt mix at U = 0.9 on the 2-core AMD EPYC: planned under the level, 2.47x lower mean
   end-to-end latency than all-attention (78 % of the sequence-time at 50 %); planned up to the top,
   3.08x (90 %); every request at 50 %, 3.41x. Single runs: replays this close to saturation spread
-  widely (the same requests, planned up to the top, also read 1.83x; docs/replay/README.md).
+  widely (the same requests, planned up to the top, also read 1.83x and 2.62x; docs/replay/README.md).
 - The fastest service for a request with others queued behind it only while the level is above 0:
   a calm server keeps the quality its SLOs allow. At U = 0.3 the rule seldom has a queue to act on
   (requests are admitted at the next step boundary); what converts there is the SLO rule.
