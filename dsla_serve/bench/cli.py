@@ -169,13 +169,26 @@ def replay(
     out: Path = typer.Option(Path("runs/replay"), help="Directory for replay.json, REPLAY.md, plots, server logs."),
     as_json: bool = typer.Option(False, "--json", help="Print the summaries as JSON."),
     render: bool = typer.Option(
-        False, "--render", help="Replay nothing: write REPLAY.md and the plots of --out again from its replay.json."
+        False,
+        "--render",
+        help="Replay nothing: write REPLAY.md and the plots of --out again from its replay.json (as this version writes them).",
     ),
 ) -> None:
     """Replay a trace against the server over HTTP (streaming) and report latency, throughput and SLOs."""
+    from dsla_serve.bench import report
+
+    if render:  # the report as this version writes it, from a run's results (replay.json is written back as read)
+        if trace is not None or synthetic is not None or compare or url:
+            _fail("--render replays nothing: give it --out only")
+        try:
+            md = report.write_replay(json.loads((out / "replay.json").read_text()), out)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            _fail(f"--render needs a replay.json that `dsla-serve replay` wrote in {out}: {type(e).__name__}: {e}")
+        err.print(f"wrote {md}")
+        return
+
     from transformers import AutoConfig, AutoTokenizer
 
-    from dsla_serve.bench import report
     from dsla_serve.bench import trace as tr
     from dsla_serve.bench.peer import PeerError, VllmPeer, option_value
     from dsla_serve.bench.prompts import PromptBuilder, load_text
@@ -185,13 +198,6 @@ def replay(
     from dsla_serve.model.loader import resolve
     from dsla_serve.runtime import machine_info
 
-    if render:  # the report as this version writes it, from a run's results
-        try:
-            result = json.loads((out / "replay.json").read_text())
-        except (OSError, ValueError) as e:
-            _fail(f"--render reads {out / 'replay.json'}: {e}")
-        err.print(f"wrote {report.write_replay(result, out)}")
-        return
     if (trace is None) == (synthetic is None):
         _fail("give either --trace FILE or --synthetic N")
     if endpoint not in ("completions", "chat"):

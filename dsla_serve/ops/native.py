@@ -100,7 +100,12 @@ def _ext() -> object:
     """The extension, for the wrappers below: their callers decided by ``available()`` (or ``load()``)
     that the kernels run. NOTE(decisions): the ``DSLA_SERVE_NATIVE`` lookup in ``load`` takes ~0.7 us,
     and a batch-1 decode step made ~126 wrapper calls (~90 us of ~6.5 ms); decisions still read it."""
-    return _module if _module is not None else load()
+    module = _module if _module is not None else load()
+    if module is None:
+        raise RuntimeError(
+            f"the C++ kernels are not loaded ({_failed or 'DSLA_SERVE_NATIVE=0'}): check available() first"
+        )
+    return module
 
 
 @dataclass(frozen=True)

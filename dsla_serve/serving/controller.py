@@ -5,11 +5,12 @@ moves with hysteresis from the engine's signals: memory pressure, decode time pe
 sequences see, time to first token (measured, and predicted for the queue head), queue depth and
 waiting prompt tokens. Each new sequence gets its own level, chosen at admission:
 
-- with a speed profile (``profile.py``), whatever the level: the lowest level whose predicted TTFT
-  and time per token meet the SLO targets (the nearest if none does); under load (the level above 0)
-  with requests queued behind it, the level that serves it fastest (its service time is what they
-  wait for); never above ``max_conversion``, the quality budget (the largest perplexity ratio
-  allowed) nor the request's own ``max_level``; the level is then the controller's load state;
+- with a speed profile (``profile.py``), planned up to the top, not under the level: the lowest
+  level whose predicted TTFT and time per token meet the SLO targets (the nearest if none does);
+  under load (the level above 0) with requests queued behind it, the level that serves it fastest
+  (its service time is what they wait for); never above ``max_conversion``, the quality budget (the
+  largest perplexity ratio allowed) nor the request's own ``max_level``; the level is then the
+  controller's load state;
 - without one: the level, capped by prompt length (the paper's caps).
 
 It never touches tensors. Its decisions carry per-sequence targets (layers to fold running

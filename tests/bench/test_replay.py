@@ -96,23 +96,28 @@ def test_level_shares_and_quality_cost():
     assert quality_cost({"0.5": 1.0}, None) is None
 
 
-def test_replay_targets_judge_the_load_the_run_measured():
+def test_replay_targets_judge_the_load_the_run_was_scaled_to():
     fast = {
         "e2e_mean_speedup_vs_first": 3.1,
         "per_token_speedup_vs_first": 2.4,
         "quality": {"weighted_ppl_ratio": 1.07},
     }
-    assert report.replay_targets(fast, 0.9).endswith("at 1.07 — met.")
+    assert report.replay_targets(fast, 0.9).endswith("at a perplexity ratio of 1.07 — met.")
+    assert report.replay_targets(fast, report.HIGH_LOAD).endswith("— met.")  # the high-load target from here up
     costly = fast | {"quality": {"weighted_ppl_ratio": 1.2}}
     assert report.replay_targets(costly, 0.9).endswith("— NOT met.")  # the gain must stay within the perplexity bound
+    unmeasured = fast | {"quality": None}
+    assert report.replay_targets(unmeasured, 0.9).endswith("— NOT met.")  # no perplexity, no claim
     one_sided = fast | {"per_token_speedup_vs_first": 1.6}
     assert report.replay_targets(one_sided, 0.9).endswith("— NOT met.")  # both latencies must gain 2.3x
     calm = {"e2e_mean_speedup_vs_first": 0.96, "per_token_speedup_vs_first": 1.01, "quality": None}
-    assert "low load" in report.replay_targets(calm, 0.3) and report.replay_targets(calm, 0.3).endswith("— met.")
+    assert "no slower than 0.95×" in report.replay_targets(calm, 0.3)
+    assert report.replay_targets(calm, 0.3).endswith("— met.")
+    assert report.replay_targets(calm, 0.59).endswith("— met.")  # below HIGH_LOAD: the low-load target
     slower = calm | {"e2e_mean_speedup_vs_first": 0.9}
     assert report.replay_targets(slower, 0.3).endswith("— NOT met.")  # more than 5 % slower than all-attention
-    both = report.replay_targets(fast, None)  # --time-scale: the run did not measure its load
-    assert "not measured" in both and "high load" in both and "low load" in both
+    by_hand = report.replay_targets(fast, None)  # --time-scale: the load it stands for is not known
+    assert "not judged" in by_hand and "met" not in by_hand.replace("not judged", "")
 
 
 def test_parse_metrics_keeps_gauges_and_counters():
@@ -208,11 +213,21 @@ def test_replay_command_on_a_synthetic_trace(server, tmp_path):
     (out / "REPLAY.md").unlink()
     again = subprocess.run([sys.executable, "-m", "dsla_serve.cli", "replay", "--render", "--out", str(out)],
                            capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert again.returncode == 0 and "utilisation 0.5" in (out / "REPLAY.md").read_text()  # from replay.json alone
+    rendered = (out / "REPLAY.md").read_text()  # from replay.json alone: the load paragraph and the runs
+    assert again.returncode == 0 and "time-scaled ×" in rendered and "| completed / failed | 3 / 0 |" in rendered
     assert json.loads((out / "replay.json").read_text()) == saved
-    missing = subprocess.run([sys.executable, "-m", "dsla_serve.cli", "replay", "--render", "--out", str(tmp_path)],
-                             capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert missing.returncode == 2 and "--render reads" in missing.stderr
+    (tmp_path / "bad").mkdir()
+    for content in (None, "{not json", '{"runs": []}'):  # missing, malformed, not a replay's
+        if content is not None:
+            (tmp_path / "bad" / "replay.json").write_text(content)
+        bad_render = subprocess.run(
+            [sys.executable, "-m", "dsla_serve.cli", "replay", "--render", "--out", str(tmp_path / "bad")],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert bad_render.returncode == 2 and "--render needs a replay.json" in bad_render.stderr, content
+    mixed = subprocess.run([sys.executable, "-m", "dsla_serve.cli", "replay", "--render", "--synthetic", "3",
+                            "--out", str(out)], capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert mixed.returncode == 2 and "--render replays nothing" in mixed.stderr
     bad = subprocess.run([sys.executable, "-m", "dsla_serve.cli", "replay", "--trace", str(tmp_path / "t.csv"),
                           "--synthetic", "3"], capture_output=True, text=True, timeout=120)  # fmt: skip
     assert bad.returncode == 2 and "either --trace FILE or --synthetic N" in bad.stderr
