@@ -2,13 +2,30 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from dsla_serve.ops import native
 from dsla_serve.runtime import tune_allocator
 
 tune_allocator()
+
+
+@functools.cache
+def kernels() -> object | None:
+    """The C++ kernels as first loaded (``use_native`` hides them; loading them again would not work)."""
+    return native.load()
+
+
+def use_native(monkeypatch, on: bool) -> None:
+    """The C++ kernels on or off for the rest of a test. Off also hides the loaded module, so a kernel
+    wrapper reached on the Python paths fails instead of comparing the kernels with themselves."""
+    module = kernels()
+    monkeypatch.setenv("DSLA_SERVE_NATIVE", "1" if on else "0")
+    monkeypatch.setattr(native, "_module", module if on else None)
 
 
 def tiny_config(**overrides) -> LlamaConfig:

@@ -17,9 +17,7 @@ from dsla_serve.layers import DSLAAttention
 from dsla_serve.model import HybridCache, HybridModel, convert
 from dsla_serve.model.quant import quantize_model
 from dsla_serve.ops import native
-from tests.conftest import randomize_gates, tiny_llama
-
-NATIVE = native.load()  # the built kernels, put back where a test switches them on again
+from tests.conftest import randomize_gates, tiny_llama, use_native
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -39,8 +37,7 @@ def hybrid_model(config: DSLAConfig, dtype: torch.dtype, **shape) -> HybridModel
 
 @torch.no_grad()
 def decode(hybrid: HybridModel, caches: list, tokens: torch.Tensor, fused: bool, monkeypatch) -> torch.Tensor:
-    monkeypatch.setenv("DSLA_SERVE_NATIVE", "1" if fused else "0")
-    monkeypatch.setattr(native, "_module", NATIVE if fused else None)  # off: a wrapper reached fails
+    use_native(monkeypatch, fused)
     cache = HybridCache(copy.deepcopy(caches))
     logits = [hybrid(tokens[:, t : t + 1], cache=cache, logits_for="last")[0] for t in range(tokens.shape[1])]
     states = [[layer.state for layer in s.layers if hasattr(layer, "pool")] for s in cache.sequences]
@@ -213,8 +210,7 @@ def test_attention_decode_equals_sdpa(dtype, monkeypatch):
     calls = count_calls(monkeypatch, "attention_decode")
 
     def run(fused: bool):
-        monkeypatch.setenv("DSLA_SERVE_NATIVE", "1" if fused else "0")
-        monkeypatch.setattr(native, "_module", NATIVE if fused else None)  # off: a wrapper reached fails
+        use_native(monkeypatch, fused)
         cache = HybridCache(copy.deepcopy(caches))
         logits = [hybrid(tokens[:, t : t + 1], cache=cache, logits_for="last")[0] for t in range(5)]
         return torch.cat(logits, 1).double(), [layer.view() for s in cache.sequences for layer in s.layers]

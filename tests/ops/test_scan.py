@@ -11,9 +11,7 @@ import torch
 from dsla_serve.config import DSLAConfig
 from dsla_serve.model import HybridCache, HybridModel, convert
 from dsla_serve.ops import chunk_dsla, naive_dsla, native
-from tests.conftest import randomize_gates, tiny_llama
-
-NATIVE = native.load()  # the built kernels, put back where a test switches them on again
+from tests.conftest import randomize_gates, tiny_llama, use_native
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -142,8 +140,7 @@ def test_model_prefill_scan_equals_chunked_form(name, monkeypatch):
     ids = torch.randint(0, 99, (1, 29))
 
     def run(native_on: bool):
-        monkeypatch.setenv("DSLA_SERVE_NATIVE", "1" if native_on else "0")
-        monkeypatch.setattr(native, "_module", NATIVE if native_on else None)  # off: a wrapper reached fails
+        use_native(monkeypatch, native_on)
         cache = HybridCache([hybrid.new_cache([0, 1, 3])])
         first = hybrid(ids[:, :17], cache=cache)[0]
         second = hybrid(ids[:, 17:], cache=cache)[0]
@@ -169,8 +166,7 @@ def test_model_prefill_scan_equals_chunked_form(name, monkeypatch):
 def test_states_only_prefill_equals_the_full_one(fused, monkeypatch):
     """Folding a KV cache asks for the final states alone (q with zero heads): both paths return
     the states a full prefill builds, and an empty read-out."""
-    monkeypatch.setenv("DSLA_SERVE_NATIVE", "1" if fused else "0")
-    monkeypatch.setattr(native, "_module", NATIVE if fused else None)  # off: a wrapper reached fails
+    use_native(monkeypatch, fused)
     args, kw = inputs(2, 6, 2, 29, 0, 0, 64)
     _, s_full = native.prefill_dsla(*args, **kw)
     q, *rest, _ = args
